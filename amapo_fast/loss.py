@@ -1,0 +1,274 @@
+"""The public entry point: hidden states + lm_head weight + labels -> preference loss and metrics.
+
+The fused implementations (Triton kernels on GPU, the chunked PyTorch twin anywhere) run as one
+`torch.autograd.Function`:
+  pass 1  token log-probs of the response tokens only (prompt and padding never enter a matmul),
+  stage   per-sequence sums -> statistics, margin, loss, metrics (`objective.py`, B-sized); autograd on
+          this tiny stage gives dL/d(sequence sum), i.e. one gradient coefficient per token,
+  pass 2  (backward) recompute each logit tile and form dH, dW, d bias from the coefficients.
+The margin needs every sequence's log-prob, so no coefficient is known before pass 1 ends (SPEC §2).
+"""
+import os
+
+import torch
+from torch import nn
+
+from . import chunked
+from .objective import METRIC_KEYS, preference_objective, validate_objective_args
+from .reference import reference_preference_loss, reference_sequence_logps
+
+IMPLS = ("auto", "triton", "chunked", "reference")
+
+
+def _triton_backend():
+    from .kernels import logprob  # imported lazily: triton is only needed for impl="triton"
+
+    return logprob
+
+
+def _resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "chunked"
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl='triton' got tensors on {device}: the Triton kernels need CUDA tensors, or CPU tensors with "
+            "TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return impl
+
+
+def _backend(impl: str):
+    return _triton_backend() if impl == "triton" else chunked
+
+
+class ResponseTokens:
+    """The response tokens of a batch, flattened: which rows of hidden they are and which sequence owns them."""
+
+    def __init__(self, labels, ignore_index, cu_seqlens, num_positions):
+        flat_labels = labels.reshape(-1)
+        if cu_seqlens is None:
+            rows, seq_len = labels.shape
+            owner = torch.arange(rows, device=labels.device).repeat_interleave(seq_len)
+        else:
+            rows = cu_seqlens.numel() - 1
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            owner = torch.repeat_interleave(torch.arange(rows, device=labels.device), lengths)
+        valid = flat_labels != ignore_index
+        self.positions = valid.nonzero().squeeze(1)  # indices into hidden.reshape(-1, D)
+        self.targets = flat_labels[self.positions].long()
+        self.sequence = owner[self.positions]  # which row each response token belongs to
+        self.num_rows = rows
+        self.num_positions = num_positions
+        self.counts = torch.zeros(rows, dtype=torch.long, device=labels.device).index_add_(
+            0, self.sequence, torch.ones_like(self.sequence)
+        )
+
+    def sequence_sums(self, token_values):
+        return token_values.new_zeros(self.num_rows).index_add_(0, self.sequence, token_values)
+
+
+class _FusedPreferenceLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend):
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+        response_hidden = hidden_2d.index_select(0, tokens.positions)
+        token_logps, lse = backend.token_logprobs(response_hidden, weight, bias, tokens.targets)
+
+        with torch.enable_grad():
+            sums = tokens.sequence_sums(token_logps).detach().requires_grad_(True)
+            loss, metrics = preference_objective(sums, tokens.counts, **objective_kwargs)
+            (d_sums,) = torch.autograd.grad(loss, sums)
+        # Each token's log-prob enters its sequence's sum with weight 1.
+        coef = d_sums.to(token_logps.dtype)[tokens.sequence]
+
+        ctx.save_for_backward(response_hidden, weight, bias, lse, coef)
+        ctx.tokens, ctx.backend, ctx.hidden_shape = tokens, backend, hidden.shape
+        metric_values = torch.stack([metrics[key] for key in METRIC_KEYS])
+        ctx.mark_non_differentiable(metric_values)
+        return loss.detach(), metric_values
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        if torch.is_grad_enabled():  # autograd runs backward in grad mode only for create_graph=True
+            raise RuntimeError(
+                "linear_preference_loss: second-order gradients (create_graph=True) are not supported by the fused "
+                "implementations; use impl='reference' for double backward"
+            )
+        response_hidden, weight, bias, lse, coef = ctx.saved_tensors
+        tokens = ctx.tokens
+        d_response, d_weight, d_bias = ctx.backend.token_grads(
+            response_hidden, weight, bias, tokens.targets, lse, coef * grad_loss.to(coef.dtype)
+        )
+        d_hidden = None
+        if ctx.needs_input_grad[0]:
+            d_hidden = d_response.new_zeros(tokens.num_positions, d_response.shape[1])
+            d_hidden.index_copy_(0, tokens.positions, d_response)
+            d_hidden = d_hidden.reshape(ctx.hidden_shape)
+        return (
+            d_hidden,
+            d_weight if ctx.needs_input_grad[1] else None,
+            d_bias if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
+    """Shape, dtype and device checks that name the offending tensor. Returns the number of rows."""
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        raise ValueError(f"hidden's last dim is {hidden.shape[-1]} but weight is [V={vocab}, D={dim}]")
+    if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one floating dtype")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias), ("cu_seqlens", cu_seqlens)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device}, hidden is on {hidden.device}")
+    if bias is not None and bias.shape != (vocab,):
+        raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"bias ({bias.dtype}) must have weight's dtype ({weight.dtype})")
+
+    if cu_seqlens is None:
+        if hidden.dim() != 3:
+            raise ValueError(
+                f"hidden must be [2B, T, D] (or [N, D] with cu_seqlens for the packed layout), got {tuple(hidden.shape)}"
+            )
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected hidden's {tuple(hidden.shape[:2])}")
+        rows = hidden.shape[0]
+    else:
+        if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+            raise ValueError(
+                f"packed layout needs hidden [N, D] and labels [N], got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+            )
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be [2B + 1] boundaries, got shape {tuple(cu_seqlens.shape)}")
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != hidden.shape[0] or bool((cu_seqlens.diff() < 0).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to N={hidden.shape[0]}, got {cu_seqlens.tolist()}")
+        rows = cu_seqlens.numel() - 1
+    if rows % 2 or rows == 0:
+        raise ValueError(
+            f"hidden holds {rows} sequences: expected an even, non-zero number (B chosen rows, then B rejected rows)"
+        )
+
+    response = labels != ignore_index
+    if bool(response.any()):
+        bad = response & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            value = int(labels[bad][0])
+            raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    return rows
+
+
+def _check_every_row_has_response(counts):
+    empty = (counts == 0).nonzero().flatten()
+    if empty.numel():
+        rows = empty.tolist()
+        raise ValueError(
+            f"sequence row(s) {rows[:8]} have no response token (every label is ignore_index): "
+            "their length-normalised log-prob is undefined; drop such pairs from the batch"
+        )
+
+
+def linear_preference_loss(
+    hidden,
+    weight,
+    labels,
+    *,
+    beta,
+    loss_type="amapo",
+    bias=None,
+    label_smoothing=0.0,
+    gamma_beta_ratio=0.0,
+    ref_logps=None,
+    ignore_index=-100,
+    stats_scope="global",
+    impl="auto",
+    cu_seqlens=None,
+):
+    """AMaPO (or an ablation, SimPO, DPO) loss straight from the last hidden states.
+
+    hidden [2B, T, D]: rows 0..B-1 chosen, rows B..2B-1 rejected, same pair order; labels [2B, T] already
+    shifted (labels[:, t] is predicted from hidden[:, t]), ignore_index on prompt and padding. Packed
+    layout: hidden [N, D], labels [N], cu_seqlens [2B + 1]. weight [V, D] is the lm_head weight.
+    Returns (loss, metrics): the mean loss over this rank's pairs and a dict of detached 0-dim fp32
+    metrics over this rank's pairs (SPEC §1 keys). See SPEC §1 for the exact definitions.
+    """
+    rows = _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+    validate_objective_args(beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device)
+    objective_kwargs = dict(
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+        gamma_beta_ratio=gamma_beta_ratio,
+        ref_logps=ref_logps,
+        stats_scope=stats_scope,
+    )
+    impl = _resolve_impl(impl, hidden.device)
+    tokens = ResponseTokens(labels, ignore_index, cu_seqlens, hidden.reshape(-1, hidden.shape[-1]).shape[0])
+    _check_every_row_has_response(tokens.counts)
+    if impl == "reference":
+        return reference_preference_loss(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens, **objective_kwargs
+        )
+    loss, metric_values = _FusedPreferenceLoss.apply(hidden, weight, bias, tokens, objective_kwargs, _backend(impl))
+    return loss, dict(zip(METRIC_KEYS, metric_values.unbind()))
+
+
+@torch.no_grad()
+def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, impl="auto", cu_seqlens=None):
+    """Per-row summed response log-probs [S] (fp32) and response-token counts [S], without grad.
+
+    For evaluation (ranking accuracy uses sum / count) and for precomputing DPO reference log-probs.
+    Rows with no response token get a sum of 0 and a count of 0.
+    """
+    impl = _resolve_impl(impl, hidden.device)
+    if impl == "reference":
+        return reference_sequence_logps(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens
+        )
+    tokens = ResponseTokens(labels, ignore_index, cu_seqlens, hidden.reshape(-1, hidden.shape[-1]).shape[0])
+    response_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens.positions)
+    token_logps, _ = _backend(impl).token_logprobs(response_hidden, weight, bias, tokens.targets)
+    return tokens.sequence_sums(token_logps), tokens.counts
+
+
+class LinearPreferenceHead(nn.Module):
+    """The lm_head as a loss module: owns (shares) the lm_head weight and computes the fused loss.
+
+    Calling it as a module is what lets FSDP2 and DeepSpeed ZeRO-3 gather the (sharded) weight before
+    the kernels read it. Pass the model's `lm_head` (an nn.Linear) to share its parameters, which also
+    covers tied input/output embeddings.
+    """
+
+    def __init__(self, weight, bias=None, **loss_kwargs):
+        super().__init__()
+        if isinstance(weight, nn.Linear):
+            weight, bias = weight.weight, weight.bias
+        if not isinstance(weight, nn.Parameter):
+            raise TypeError(f"weight must be an nn.Parameter or an nn.Linear, got {type(weight).__name__}")
+        self.weight = weight
+        self.bias = bias
+        self.loss_kwargs = loss_kwargs
+
+    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None):
+        return linear_preference_loss(
+            hidden, self.weight, labels, bias=self.bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens, **self.loss_kwargs
+        )
+
+    def sequence_logps(self, hidden, labels, cu_seqlens=None):
+        impl = self.loss_kwargs.get("impl", "auto")
+        ignore_index = self.loss_kwargs.get("ignore_index", -100)
+        return sequence_logps(
+            hidden, self.weight, labels, bias=self.bias, ignore_index=ignore_index, impl=impl, cu_seqlens=cu_seqlens
+        )

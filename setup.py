@@ -1,0 +1,31 @@
+from setuptools import setup
+
+setup(
+    name="amapo-fast",
+    version="0.1.0",
+    description="Fused Triton kernels and a lean trainer for AMaPO, SimPO and DPO preference optimisation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # `kernels/` lives at the repository root but must not be installed as a top-level module named
+    # `kernels` (the PyPI distribution `kernels` owns that name and transformers imports it).
+    packages=["amapo_fast", "amapo_fast.kernels"],
+    package_dir={"amapo_fast": "amapo_fast", "amapo_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.2; platform_system == 'Linux'",
+        "numpy",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "tokenizers",
+        "safetensors",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        "flash-attn": ["flash-attn>=2.6"],
+        "dev": ["pytest", "liger-kernel>=0.5", "deepspeed>=0.15"],
+    },
+)
