@@ -84,7 +84,9 @@ def style_matrix(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> 
         if scores.dim() != 2 or scores.shape[1] != _NUM_STYLES:
             raise ValueError(f"{name} must be [items, {_NUM_STYLES}], got {tuple(scores.shape)}")
     if chosen_scores.shape != rejected_scores.shape:
-        raise ValueError(f"chosen_scores {tuple(chosen_scores.shape)} and rejected_scores {tuple(rejected_scores.shape)} differ")
+        raise ValueError(
+            f"chosen_scores {tuple(chosen_scores.shape)} and rejected_scores {tuple(rejected_scores.shape)} differ"
+        )
     return chosen_scores[:, :, None] > rejected_scores[:, None, :]
 
 

@@ -1,0 +1,181 @@
+"""The trainer's settings: one dataclass, filled from defaults, then a YAML file (`--config`), then the command line.
+
+`--help` lists every field with its default and help text; any field can be overridden as `--field value`.
+"""
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .loss import IMPLS
+from .objective import LOSS_TYPES, STATS_SCOPES
+
+BACKENDS = ("fsdp2", "deepspeed")
+PRECISIONS = ("auto", "bf16", "fp32")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def _field(default, help_text, choices=None):
+    return field(default=default, metadata={"help": help_text, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # Model and data. "toy" selects the embedded default (see amapo_fast/toy.py).
+    model_name_or_path: str = _field("toy", "hub name or local folder of a causal LM; 'toy' builds a tiny random-init Llama")
+    tokenizer_name_or_path: str | None = _field(None, "tokenizer to load; default: the model's")
+    ref_model_name_or_path: str | None = _field(None, "DPO's frozen reference model; default: model_name_or_path")
+    dataset_name: str = _field("toy", "hub name, local json/jsonl/parquet file or folder; 'toy' generates string-edit pairs")
+    dataset_config_name: str | None = _field(None, "hub dataset config (subset) name")
+    train_split: str = _field("train", "split to train on")
+    eval_split: str | None = _field("test", "held-out split for evaluation; empty or none to skip evaluation")
+    max_train_samples: int | None = _field(None, "keep only the first N training rows")
+    max_eval_samples: int | None = _field(None, "keep only the first N evaluation rows")
+    toy_num_train: int = _field(1600, "rows generated for the toy training split")
+    toy_num_eval: int = _field(256, "rows generated for the toy evaluation split")
+    max_length: int = _field(128, "maximum prompt + response tokens of one sequence")
+    max_prompt_length: int = _field(64, "prompts longer than this are truncated from the left")
+    dataset_num_proc: int | None = _field(None, "processes for tokenization (datasets' map)")
+    packed: bool = _field(False, "padding-free batches: sequences concatenated, varlen attention via position_ids")
+
+    # Loss (SPEC section 1).
+    loss_type: str = _field("amapo", "AMaPO, an ablation of it, SimPO or DPO", LOSS_TYPES)
+    beta: float = _field(2.0, "beta of the loss")
+    label_smoothing: float = _field(0.0, "label smoothing eps in [0, 0.5]")
+    gamma_beta_ratio: float = _field(0.0, "SimPO's target margin gamma/beta")
+    stats_scope: str = _field("global", "AMaPO statistics over every rank's pairs (global) or this rank's", STATS_SCOPES)
+    loss_impl: str = _field("auto", "auto = triton on CUDA, chunked on CPU; reference materialises logits", IMPLS)
+
+    # Model loading and scale.
+    backend: str = _field("fsdp2", "distributed backend", BACKENDS)
+    precision: str = _field("auto", "auto = bf16 on CUDA, fp32 on CPU", PRECISIONS)
+    attn_implementation: str = _field("auto", "auto = flash_attention_2 when installed, else sdpa", ATTN_IMPLEMENTATIONS)
+    gradient_checkpointing: bool = _field(False, "recompute decoder layers in backward to save memory")
+    cpu_offload: bool = _field(False, "offload parameters and optimizer state to CPU (FSDP2 CPUOffloadPolicy / ZeRO-3)")
+
+    # Optimisation.
+    learning_rate: float = _field(3e-3, "peak learning rate of AdamW")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    adam_beta1: float = _field(0.9, "AdamW beta1")
+    adam_beta2: float = _field(0.999, "AdamW beta2")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon")
+    warmup_ratio: float = _field(0.1, "fraction of the optimizer steps spent warming the learning rate up")
+    num_train_epochs: float = _field(1.0, "epochs over the training split")
+    max_steps: int = _field(-1, "optimizer steps; overrides num_train_epochs when > 0")
+    per_device_train_batch_size: int = _field(16, "pairs per rank per micro-batch")
+    per_device_eval_batch_size: int = _field(32, "pairs per rank per evaluation batch")
+    gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _field(1.0, "gradient clipping norm; 0 disables clipping")
+    seed: int = _field(42, "seed of model init (toy), data order and RNG")
+
+    # Logging, evaluation, checkpoints.
+    output_dir: str = _field("outputs/amapo-toy", "checkpoints, final model and logs go here")
+    logging_steps: int = _field(10, "log the averaged metrics every N optimizer steps")
+    eval_steps: int = _field(0, "evaluate on the held-out split every N steps (0: only before and after training)")
+    save_steps: int = _field(0, "write a sharded checkpoint every N steps (0: none)")
+    save_total_limit: int = _field(2, "keep only the last K checkpoints (0 keeps all)")
+    resume: str | None = _field(None, "resume from a checkpoint folder, or 'latest' in output_dir (bare --resume)")
+    save_final: bool = _field(True, "write a from_pretrained folder to output_dir/final at the end")
+    report_to: str = _field("none", "also log to TensorBoard or Weights & Biases", REPORT_TO)
+    run_name: str | None = _field(None, "run name for TensorBoard / W&B")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _base_type(annotation):
+    """int for `int`, str for `str | None`, ... (the non-None member of an optional)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (member,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return member, True
+    return annotation, False
+
+
+def _optional(parse):
+    def parse_optional(text):
+        return None if str(text).lower() in ("", "none", "null") else parse(text)
+
+    return parse_optional
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {unknown}; see --help for the fields")
+    return values
+
+
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchrun amapo_fast/train.py",
+        description="Train a causal LM with AMaPO, an ablation, SimPO or DPO. Values: defaults < --config YAML < flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file of field: value (see configs/)")
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = defaults or {}
+    for spec in dataclasses.fields(TrainConfig):
+        base, optional = _base_type(hints[spec.name])
+        parse = _parse_bool if base is bool else base
+        if optional:
+            parse = _optional(parse)
+        kwargs = dict(type=parse, default=defaults.get(spec.name, spec.default), help=spec.metadata["help"])
+        if spec.metadata["choices"]:
+            kwargs["choices"] = spec.metadata["choices"]
+        if base is bool:
+            kwargs.update(nargs="?", const=True)  # a bare --flag means true
+        if spec.name == "resume":
+            kwargs.update(nargs="?", const="latest")
+        parser.add_argument(f"--{spec.name}", **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    defaults = load_yaml(known.config) if known.config else {}
+    args = vars(build_parser(defaults).parse_args(argv))
+    args.pop("config")
+    return validate(TrainConfig(**args))
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Clear errors for settings that cannot work, before any model or data is loaded."""
+    positive = ("max_length", "max_prompt_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+                "gradient_accumulation_steps", "logging_steps")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{name}={getattr(config, name)}: must be positive")
+    if config.max_prompt_length >= config.max_length:
+        raise ValueError(
+            f"max_prompt_length={config.max_prompt_length} must be smaller than max_length={config.max_length}: "
+            "a response needs room"
+        )
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio={config.warmup_ratio}: must lie in [0, 1)")
+    if config.max_steps <= 0 and config.num_train_epochs <= 0:
+        raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+    for name in ("eval_steps", "save_steps", "save_total_limit"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name}={getattr(config, name)}: must be >= 0")
+    if config.eval_split in ("", "none"):
+        config.eval_split = None
+    return config

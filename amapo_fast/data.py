@@ -1,0 +1,291 @@
+"""Preference data: loading, tokenization (chat template, truncation, dropped rows) and batching (SPEC section 3).
+
+Accepted row formats (the first two are UltraFeedback's and TRL's conversational formats):
+  * `chosen` / `rejected` are message lists that include the user turn(s); the prompt is every message but
+    the last, the response is the last (assistant) message. A `prompt` column, if any, is not needed.
+  * `chosen` / `rejected` hold only the assistant message; `prompt` is a message list or a string (one user turn).
+  * plain text: `prompt`, `chosen`, `rejected` are strings; no chat template, EOS appended to the responses.
+Optional `ref_chosen_logps` / `ref_rejected_logps` columns carry precomputed DPO reference log-probs.
+"""
+import collections
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+# Why a row cannot be used; rows are dropped with a count per reason.
+MISSING_VALUE = "missing value"
+MISSING_PROMPT = "no prompt"
+PROMPT_MISMATCH = "chosen and rejected differ before the last message"
+NOT_ASSISTANT = "last message is not the assistant's"
+EMPTY_RESPONSE = "empty response"
+TEMPLATE_NOT_PREFIX = "chat template does not render the prompt as a prefix of the conversation"
+PROMPT_TOO_LONG = "prompt longer than max_length"
+
+
+def load_preference_dataset(name_or_path: str, split: str, config_name: str | None = None):
+    """A `datasets.Dataset` from a hub name, a local json/jsonl/parquet file, or a local folder.
+
+    A local file is taken as the named split, so `split="test_prefs[:100]"` slices it like a hub split would.
+    """
+    from datasets import load_dataset, load_from_disk
+
+    if os.path.isfile(name_or_path):
+        extension = os.path.splitext(name_or_path)[1].lower()
+        if extension not in LOCAL_FILE_BUILDERS:
+            raise ValueError(f"{name_or_path}: expected a .json, .jsonl or .parquet file, got {extension!r}")
+        split_name = split.split("[")[0]
+        return load_dataset(LOCAL_FILE_BUILDERS[extension], data_files={split_name: name_or_path}, split=split)
+    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_dict.json")):
+        return load_from_disk(name_or_path)[split]  # a DatasetDict written by save_to_disk
+    return load_dataset(name_or_path, config_name, split=split)
+
+
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front of plain text by itself (Llama 2, Mistral) or not (Llama 3, Qwen)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def _as_messages(prompt):
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _split_conversation(row, has_prompt_column):
+    """(prompt messages, chosen message, rejected message) of a conversational row, or a drop reason."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if len(chosen) > 1 or len(rejected) > 1:
+        if chosen[:-1] != rejected[:-1]:
+            return PROMPT_MISMATCH
+        prompt = chosen[:-1]
+    else:
+        if not has_prompt_column:
+            raise ValueError(
+                "chosen/rejected hold only the assistant message, so the dataset needs a 'prompt' column "
+                "(a string or a message list); it has none"
+            )
+        if row["prompt"] is None or len(row["prompt"]) == 0:
+            return MISSING_PROMPT
+        prompt = _as_messages(row["prompt"])
+    if chosen[-1].get("role") != "assistant" or rejected[-1].get("role") != "assistant":
+        return NOT_ASSISTANT
+    return prompt, chosen[-1], rejected[-1]
+
+
+def _dropped(reason: str) -> dict:
+    return {"drop_reason": reason, **{column: [] for column in TOKENIZED_COLUMNS}}
+
+
+class _RowEncoder:
+    """Turns one raw row into prompt/chosen/rejected token ids, or names why the row cannot be used."""
+
+    def __init__(self, tokenizer, max_length, max_prompt_length, has_prompt_column):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.has_prompt_column = has_prompt_column
+        self.adds_bos = _adds_bos(tokenizer)
+
+    def texts(self, row):
+        """(prompt text, chosen response text, rejected response text), or a drop reason."""
+        if row["chosen"] is None or row["rejected"] is None:
+            return MISSING_VALUE
+        if isinstance(row["chosen"], str):
+            if not self.has_prompt_column:
+                raise ValueError("plain-text rows need a 'prompt' column next to 'chosen' and 'rejected'; it has none")
+            if not row["prompt"]:
+                return MISSING_PROMPT
+            if not row["chosen"].strip() or not row["rejected"].strip():
+                return EMPTY_RESPONSE
+            eos = self.tokenizer.eos_token or ""
+            return row["prompt"], row["chosen"] + eos, row["rejected"] + eos
+        if not row["chosen"] or not row["rejected"]:  # empty message lists
+            return MISSING_VALUE
+        parts = _split_conversation(row, self.has_prompt_column)
+        if isinstance(parts, str):
+            return parts
+        prompt, chosen, rejected = parts
+        if not str(chosen.get("content") or "").strip() or not str(rejected.get("content") or "").strip():
+            return EMPTY_RESPONSE
+        template = self.tokenizer.apply_chat_template
+        prompt_text = template(prompt, tokenize=False, add_generation_prompt=True)
+        responses = []
+        for message in (chosen, rejected):
+            full_text = template(prompt + [message], tokenize=False)
+            if not full_text.startswith(prompt_text):
+                return TEMPLATE_NOT_PREFIX
+            responses.append(full_text[len(prompt_text):])
+        return prompt_text, responses[0], responses[1]
+
+    def __call__(self, row):
+        texts = self.texts(row)
+        if isinstance(texts, str):
+            return _dropped(texts)
+        prompt_text, chosen_text, rejected_text = texts
+        tokenizer = self.tokenizer
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+        # BOS exactly once: a chat template that writes it is trusted; otherwise it is added only if the
+        # tokenizer would add it to plain text itself.
+        bos = tokenizer.bos_token_id
+        if self.adds_bos and (not prompt_ids or prompt_ids[0] != bos):
+            prompt_ids = [bos] + prompt_ids
+        prompt_ids = self._truncate_prompt(prompt_ids)
+        if len(prompt_ids) >= self.max_length:
+            return _dropped(PROMPT_TOO_LONG)
+        room = self.max_length - len(prompt_ids)
+        chosen_ids = tokenizer(chosen_text, add_special_tokens=False).input_ids[:room]
+        rejected_ids = tokenizer(rejected_text, add_special_tokens=False).input_ids[:room]
+        if not prompt_ids:
+            return _dropped(MISSING_PROMPT)
+        if not chosen_ids or not rejected_ids:
+            return _dropped(EMPTY_RESPONSE)
+        return {
+            "drop_reason": "",
+            "prompt_input_ids": prompt_ids,
+            "chosen_input_ids": chosen_ids,
+            "rejected_input_ids": rejected_ids,
+        }
+
+    def _truncate_prompt(self, prompt_ids):
+        """Keep the last max_prompt_length tokens; a leading BOS survives the cut."""
+        if len(prompt_ids) <= self.max_prompt_length:
+            return prompt_ids
+        if prompt_ids[0] == self.tokenizer.bos_token_id and self.tokenizer.bos_token_id is not None:
+            return prompt_ids[:1] + prompt_ids[len(prompt_ids) - self.max_prompt_length + 1 :]
+        return prompt_ids[-self.max_prompt_length :]
+
+
+def _check_columns(dataset):
+    missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"preference dataset is missing column(s) {missing}; it has {dataset.column_names}. Expected "
+            "'chosen' and 'rejected' (message lists or strings), plus 'prompt' unless chosen/rejected include "
+            "the user turn"
+        )
+    present = [column for column in REF_COLUMNS if column in dataset.column_names]
+    if len(present) == 1:
+        raise ValueError(f"dataset has {present[0]!r} but not its partner: precomputed reference log-probs need both {REF_COLUMNS}")
+
+
+def _report_dropped(dataset, reasons):
+    dropped = [index for index, reason in enumerate(reasons) if reason]
+    if not dropped:
+        return
+    counts = collections.Counter(reason for reason in reasons if reason)
+    summary = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
+    first = dropped[0]
+    shown = repr(dataset[first])
+    if len(shown) > 500:
+        shown = shown[:500] + "..."
+    logger.warning(
+        "dropped %d of %d rows (%s); first dropped row (index %d, %s): %s",
+        len(dropped), len(reasons), summary, first, reasons[first], shown,
+    )
+
+
+def tokenize_preference_dataset(dataset, tokenizer, max_length: int, max_prompt_length: int, num_proc=None):
+    """Token ids per row: `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids` (responses only).
+
+    The prompt is truncated from the left to max_prompt_length, then the responses from the right so that
+    prompt + response fits max_length. Rows that cannot be used are dropped, with a count per reason and the
+    first offending row in a warning. The map is cached by `datasets` for file-backed datasets, so the
+    trainer runs it on one process per node first and the others read the cache.
+    """
+    _check_columns(dataset)
+    if len(dataset) == 0:
+        raise ValueError("preference dataset has no rows")
+    encoder = _RowEncoder(tokenizer, max_length, max_prompt_length, "prompt" in dataset.column_names)
+    from datasets import Features, Sequence, Value
+
+    keep = [column for column in REF_COLUMNS if column in dataset.column_names]
+    # Explicit features: a first writer batch made only of dropped rows must not fix the id columns' type.
+    features = Features(
+        {"drop_reason": Value("string"), **{column: Sequence(Value("int32")) for column in TOKENIZED_COLUMNS}}
+        | {column: dataset.features[column] for column in keep}
+    )
+    encoded = dataset.map(
+        encoder,
+        remove_columns=[column for column in dataset.column_names if column not in keep],
+        features=features,
+        num_proc=num_proc,
+        desc="tokenizing preference pairs",
+    )
+    reasons = encoded["drop_reason"]
+    _report_dropped(dataset, reasons)
+    if all(reasons):
+        raise ValueError(f"every one of the {len(reasons)} rows was dropped (see the warning above for why)")
+    if any(reasons):
+        encoded = encoded.filter(lambda reason: not reason, input_columns="drop_reason", num_proc=num_proc)
+    return encoded.remove_columns("drop_reason")
+
+
+class PreferenceCollator:
+    """Tokenized rows -> one batch: chosen sequences first, then rejected ones in the same pair order (SPEC 3).
+
+    Each sequence is prompt + response without its last token; `labels[:, t]` is the token that position t
+    predicts (already shifted), -100 on prompt and padding.
+      padded: `input_ids`, `attention_mask`, `labels` of shape [2B, T] (right padding).
+      packed: every sequence concatenated into one row, no padding: `input_ids`, `position_ids`, `labels`
+              of shape [1, N] and `cu_seqlens` [2B + 1] (int32) for the packed loss and varlen attention.
+    `ref_logps` [2B] is added when the rows carry precomputed DPO reference log-probs.
+    """
+
+    def __init__(self, pad_token_id: int, packed: bool = False):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: give the tokenizer a pad token (the trainer falls back to EOS)")
+        self.pad_token_id = int(pad_token_id)
+        self.packed = packed
+
+    @staticmethod
+    def _sequences(rows):
+        sequences = []
+        for side in ("chosen_input_ids", "rejected_input_ids"):
+            for row in rows:
+                prompt, response = list(row["prompt_input_ids"]), list(row[side])
+                tokens = prompt + response
+                labels = [IGNORE_INDEX] * len(prompt) + response
+                sequences.append((tokens[:-1], labels[1:]))
+        return sequences
+
+    def __call__(self, rows):
+        if not rows:
+            raise ValueError("PreferenceCollator got an empty list of rows")
+        sequences = self._sequences(rows)
+        batch = self._packed(sequences) if self.packed else self._padded(sequences)
+        if REF_COLUMNS[0] in rows[0]:
+            batch["ref_logps"] = torch.tensor(
+                [row[REF_COLUMNS[0]] for row in rows] + [row[REF_COLUMNS[1]] for row in rows], dtype=torch.float32
+            )
+        return batch
+
+    def _padded(self, sequences):
+        length = max(len(tokens) for tokens, _ in sequences)
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, (tokens, row_labels) in enumerate(sequences):
+            input_ids[row, : len(tokens)] = torch.tensor(tokens)
+            labels[row, : len(row_labels)] = torch.tensor(row_labels)
+            attention_mask[row, : len(tokens)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _packed(self, sequences):
+        lengths = torch.tensor([len(tokens) for tokens, _ in sequences])
+        cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = lengths.cumsum(0)
+        return {
+            "input_ids": torch.tensor([token for tokens, _ in sequences for token in tokens]).unsqueeze(0),
+            "position_ids": torch.cat([torch.arange(length) for length in lengths.tolist()]).unsqueeze(0),
+            "labels": torch.tensor([label for _, row_labels in sequences for label in row_labels]).unsqueeze(0),
+            "cu_seqlens": cu_seqlens,
+        }

@@ -1,0 +1,263 @@
+"""Process group setup and the two scale-out backends behind one small interface.
+
+`Fsdp2Engine` shards each decoder layer and then the root with `fully_shard` (FSDP2); `DeepSpeedEngine`
+hands the policy to DeepSpeed ZeRO-3. Both expose: `model` (the module to call), `backward(loss, last)`
+per micro-batch, `step()` per optimizer step (returns the gradient norm), `lr`, `save(dir)`/`load(dir)` for
+sharded checkpoints, `full_state_dict()` for the final Hugging Face folder, and `frozen(policy)` to shard
+DPO's reference model the same way.
+"""
+import contextlib
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """Join torchrun's process group (gloo on CPU, NCCL on GPU), or form a one-process group without torchrun."""
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ:  # launched by torchrun (or another launcher that sets the env:// variables)
+            dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        else:  # a plain `python amapo_fast/train.py`: a process group of one, no ports needed
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Local rank 0 of each node runs the block first (e.g. a cached tokenization); the others then reuse it."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if first:
+            dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    learning_rate: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    warmup_steps: int
+    total_steps: int
+    max_grad_norm: float
+    gradient_accumulation_steps: int
+    micro_batch_size: int
+    bf16: bool
+    cpu_offload: bool
+
+
+def cosine_schedule(optimizer, optim: OptimConfig):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.total_steps)
+
+
+class Fsdp2Engine:
+    """FSDP2: `fully_shard` per decoder layer, then the root; fp32 master weights, bf16 compute if asked."""
+
+    def __init__(self, policy, env: DistEnv, optim: OptimConfig):
+        self.env, self.optim = env, optim
+        self.model = self._shard(policy)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=optim.learning_rate, betas=optim.betas, eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        self.scheduler = cosine_schedule(self.optimizer, optim)
+
+    def _shard(self, policy):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        from .model import decoder_layers
+
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        options = {"mesh": mesh}
+        if self.optim.bf16:
+            # Inputs are token ids, and DPO's reference log-probs must stay fp32: no input casting.
+            options["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
+        if self.optim.cpu_offload:
+            options["offload_policy"] = CPUOffloadPolicy()
+        for layer in decoder_layers(policy.causal_lm):
+            fully_shard(layer, **options)
+        # The root holds the embeddings, the final norm and the (shared) lm_head weight of the head.
+        return fully_shard(policy, **options)
+
+    def frozen(self, policy):
+        for parameter in policy.parameters():
+            parameter.requires_grad_(False)
+        return self._shard(policy).eval()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def backward(self, loss, last_micro_batch: bool):
+        # Gradients are reduce-scattered only on the last micro-batch of an accumulation.
+        self.model.set_requires_gradient_sync(last_micro_batch)
+        (loss / self.optim.gradient_accumulation_steps).backward()
+
+    def step(self) -> float:
+        from torch.distributed.tensor import DTensor
+
+        max_norm = self.optim.max_grad_norm if self.optim.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, directory: str):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(directory, "dcp"))
+        if self.env.is_main:
+            torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+
+    def load(self, directory: str):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+        self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
+
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights on rank 0 (CPU), None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.env.is_main else None
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO-3 with torch's AdamW (`torch_adam`: no extension build) and our cosine schedule."""
+
+    def __init__(self, policy, env: DistEnv, optim: OptimConfig):
+        import deepspeed
+
+        self.env, self.optim = env, optim
+        self.config = self._config()
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=policy,
+            model_parameters=[p for p in policy.parameters() if p.requires_grad],
+            config=self.config,
+            lr_scheduler=lambda optimizer: cosine_schedule(optimizer, optim),
+        )
+
+    def _config(self) -> dict:
+        optim = self.optim
+        zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+        if optim.cpu_offload:
+            zero["offload_param"] = {"device": "cpu"}
+            zero["offload_optimizer"] = {"device": "cpu"}
+        return {
+            "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+            "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+            "gradient_clipping": optim.max_grad_norm,
+            "bf16": {"enabled": optim.bf16},
+            "zero_optimization": zero,
+            # torch's AdamW also on offloaded states: DeepSpeedCPUAdam would need a C++ build.
+            "zero_force_ds_cpu_optimizer": False,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": optim.learning_rate,
+                    "betas": list(optim.betas),
+                    "eps": optim.eps,
+                    "weight_decay": optim.weight_decay,
+                    "torch_adam": True,
+                },
+            },
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+
+    def frozen(self, policy):
+        import deepspeed
+
+        for parameter in policy.parameters():
+            parameter.requires_grad_(False)
+        config = {key: value for key, value in self.config.items() if key != "optimizer"}
+        engine, *_ = deepspeed.initialize(model=policy, config=config)
+        return engine.eval()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def backward(self, loss, last_micro_batch: bool):
+        # DeepSpeed scales the loss by 1/accumulation itself, and counts micro-batches in step().
+        self.model.backward(loss)
+        if not last_micro_batch:
+            self.model.step()
+
+    def step(self) -> float:
+        self.model.step()  # the accumulation boundary: clip, AdamW, schedule
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save(self, directory: str):
+        self.model.save_checkpoint(directory, tag="deepspeed")
+
+    def load(self, directory: str):
+        path, _ = self.model.load_checkpoint(directory, tag="deepspeed", load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
+
+    def full_state_dict(self) -> dict | None:
+        # Gathers every ZeRO-3 partition onto rank 0 (in the training dtype); None on the other ranks.
+        state = self.model._zero3_consolidated_16bit_state_dict()
+        return {key: value.cpu() for key, value in state.items()} if self.env.is_main else None
+
+
+ENGINES = {"fsdp2": Fsdp2Engine, "deepspeed": DeepSpeedEngine}

@@ -1,0 +1,132 @@
+"""The loss layers being compared: lm_head + preference loss, forward and backward, on the same inputs.
+
+Each path is a function (hidden, weight, labels) -> scalar loss. Ours run AMaPO (the loss whose exact
+gradients need two passes, SPEC §2); Liger runs SimPO, the closest existing fused preference loss, with
+the same cost profile apart from AMaPO's second pass.
+
+`flops_per_token_dv` is the issue's convention for achieved TFLOP/s: 8·N·D·V for our two-pass design,
+6·N·D·V for the peers, where N is the number of tokens the path feeds its matmuls (`skips_prompt`:
+ours and cut-cross-entropy skip prompt and padding; the reference and Liger compute every position).
+"""
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from amapo_fast import linear_preference_loss
+from amapo_fast.objective import preference_objective
+from amapo_fast.reference import reference_sequence_logps
+
+BETA = 2.0  # the paper's beta for the Mistral-7B setups; it does not change the cost
+SIMPO_GAMMA = 0.5
+
+
+@dataclass(frozen=True)
+class Path:
+    name: str
+    description: str
+    flops_per_token_dv: int
+    skips_prompt: bool
+    build: Callable  # build(device) -> loss_fn(hidden, weight, labels); called once per worker process
+    available: Callable  # available(device) -> None, or the reason it cannot run there
+
+
+def _always(device):
+    return None
+
+
+def _ours(impl):
+    def build(device):
+        def loss_fn(hidden, weight, labels):
+            return linear_preference_loss(hidden, weight, labels, beta=BETA, loss_type="amapo", impl=impl)[0]
+
+        return loss_fn
+
+    return build
+
+
+def _build_compiled_reference(device):
+    # Only the [N, V] part is compiled: the B-sized AMaPO stage branches on data (degenerate groups) and
+    # is negligible, so it runs eagerly instead of breaking the graph.
+    compiled_logps = torch.compile(reference_sequence_logps)
+
+    def loss_fn(hidden, weight, labels):
+        sums, counts = compiled_logps(hidden, weight, labels)
+        return preference_objective(sums, counts, beta=BETA, loss_type="amapo")[0]
+
+    return loss_fn
+
+
+def _triton_available(device):
+    if device.type != "cuda":
+        return "Triton kernels are timed on CUDA only (the CPU interpreter is a test tool)"
+    if importlib.util.find_spec("amapo_fast.kernels.logprob") is None:
+        return "amapo_fast.kernels.logprob is not in this checkout"
+    return None
+
+
+def _liger_available(device):
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    return None
+
+
+def _build_liger(device):
+    from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+
+    # compiled=True is Liger's default on GPU; on CPU its torch.compile path is not what it is built for.
+    # compute_nll_loss=False: the preference loss alone, like ours.
+    liger = LigerFusedLinearSimPOLoss(
+        beta=BETA, gamma=SIMPO_GAMMA, compute_nll_loss=False, compiled=device.type == "cuda"
+    )
+
+    def loss_fn(hidden, weight, labels):
+        return liger(weight, hidden, labels)[0]
+
+    return loss_fn
+
+
+def _cce_available(device):
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut-cross-entropy is not installed"
+    if device.type != "cuda":
+        return "cut-cross-entropy's kernels need CUDA"
+    return None
+
+
+def _build_cce(device):
+    from cut_cross_entropy import linear_cross_entropy
+
+    def loss_fn(hidden, weight, labels):
+        # Per-token -log p from CCE's fused kernels (ignored positions give 0), then the AMaPO stage.
+        # filter_eps=None: exact gradients, like ours (CCE's default skips small gradient blocks).
+        token_nll = linear_cross_entropy(hidden, weight, labels, reduction="none", shift=False, filter_eps=None)
+        sums = -token_nll.float().sum(-1)
+        counts = (labels != -100).sum(-1)
+        return preference_objective(sums, counts, beta=BETA, loss_type="amapo")[0]
+
+    return loss_fn
+
+
+PATHS = {
+    path.name: path
+    for path in (
+        Path("reference", "eager PyTorch reference, materialised fp32 logits (AMaPO)", 6, False,
+             _ours("reference"), _always),
+        Path("compile", "the reference's logits part under torch.compile (AMaPO)", 6, False,
+             _build_compiled_reference, _always),
+        Path("chunked", "ours: chunked PyTorch twin of the kernels (AMaPO)", 8, True, _ours("chunked"), _always),
+        Path("triton", "ours: fused Triton kernels (AMaPO)", 8, True, _ours("triton"), _triton_available),
+        Path("liger", "liger-kernel LigerFusedLinearSimPOLoss (SimPO)", 6, False, _build_liger, _liger_available),
+        Path("cce", "cut-cross-entropy per-token loss + AMaPO stage", 6, True, _build_cce, _cce_available),
+    )
+}
+
+
+def parse_paths(text: str) -> list:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PATHS]
+    if unknown or not names:
+        raise ValueError(f"--paths {text!r}: unknown {unknown}; choose from {', '.join(PATHS)}")
+    return names

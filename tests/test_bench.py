@@ -1,0 +1,76 @@
+"""Smoke test of the benchmark: `bench/run.py --quick` on a tiny CPU shape writes its table, JSON and plot.
+
+Also checks the properties the benchmark's honesty rests on: every path gets the same inputs (ours and
+the reference agree on the loss), chosen and rejected rows share their prompt, and bad shapes are refused.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.workloads import IGNORE_INDEX, Shape, make_labels, parse_shapes  # noqa: E402
+
+
+def test_quick_run_writes_table_json_and_plot(tmp_path):
+    command = [
+        sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--device", "cpu",
+        "--paths", "reference,chunked,liger,triton", "--workloads", "realistic",
+        "--isolate", "path", "--out", str(tmp_path), "--name", "quick",
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    result = json.loads((tmp_path / "quick.json").read_text())
+    cases = result["cases"]
+    liger = ["liger"] if importlib.util.find_spec("liger_kernel") else []
+    assert sorted(c["path"] for c in cases) == sorted(["chunked", "reference"] + liger)
+    for case in cases:
+        assert "error" not in case, case
+        assert case["fwd_bwd_ms"] > 0 and case["fwd_ms"] > 0 and case["peak_bytes"] > 0
+        assert case["tokens_per_s"] > 0 and case["tflops"] > 0
+    assert "Triton kernels are timed on CUDA only" in result["skipped_paths"]["triton"]
+    env = result["environment"]
+    assert env["versions"]["torch"] == torch.__version__ and "--quick" in env["command"]
+
+    # Same inputs for every path: our chunked AMaPO and the reference's agree on the loss value.
+    by_path = {c["path"]: c for c in cases}
+    ours, reference = by_path["chunked"], by_path["reference"]
+    assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-4, abs=1e-5)
+    assert ours["response_tokens"] == reference["response_tokens"]
+    assert 0 < ours["response_fraction"] < 1
+    # The memory measurement sees real allocations: the reference materialises fp32 logits [N, V] at least once.
+    shape = reference["shape"]
+    assert reference["peak_bytes"] >= shape["tokens"] * shape["vocab"] * 4
+
+    table = (tmp_path / "quick.md").read_text()
+    assert table.count("| chunked |") == 1 and "fwd+bwd ms" in table and env["command"] in table
+    assert (tmp_path / "quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_realistic_pairs_share_prompt_and_pad_at_the_end():
+    shape = Shape(tokens=16 * 512, seq_len=512, hidden=8, vocab=1000)
+    labels = make_labels("realistic", shape, seed=torch.randint(0, 2**31, ()).item())
+    response = labels != IGNORE_INDEX
+    first = response.int().argmax(dim=1)
+    pairs = shape.rows // 2
+    assert torch.equal(first[:pairs], first[pairs:])  # chosen i and rejected i: same prompt length
+    assert bool(response.any(dim=1).all())
+    # One contiguous response span per row: prompt before it, padding after it.
+    assert torch.equal(response.int().diff(dim=1).abs().sum(dim=1) <= 2, torch.ones(shape.rows, dtype=torch.bool))
+    assert (first <= shape.seq_len // 2).all()  # prompt truncated to max_prompt = T / 2
+
+
+def test_bad_shapes_are_refused_with_the_field_named():
+    default = Shape(tokens=1024, seq_len=256, hidden=64, vocab=512)
+    assert parse_shapes("N=2048;N=512,V=1000", default)[1] == Shape(512, 256, 64, 1000)
+    with pytest.raises(ValueError, match="even number"):
+        parse_shapes("N=768", default)  # 3 rows
+    with pytest.raises(ValueError, match="KEY=INT"):
+        parse_shapes("X=4", default)
