@@ -15,7 +15,7 @@ setup(
         "torch>=2.5",
         "triton>=3.2; platform_system == 'Linux'",
         "numpy",
-        "transformers>=4.46",
+        "transformers>=5.0",
         "datasets>=3.0",
         "tokenizers",
         "safetensors",
@@ -26,6 +26,10 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "flash-attn": ["flash-attn>=2.6"],
-        "dev": ["pytest", "liger-kernel>=0.5", "deepspeed>=0.15"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        # A peer in the benchmark (CUDA only), measured when installed.
+        "cut-cross-entropy": ["cut-cross-entropy"],
+        "dev": ["pytest", "liger-kernel>=0.5", "deepspeed>=0.15", "psutil"],
     },
 )

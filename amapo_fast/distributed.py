@@ -229,7 +229,8 @@ class DeepSpeedEngine:
             parameter.requires_grad_(False)
         config = {key: value for key, value in self.config.items() if key != "optimizer"}
         engine, *_ = deepspeed.initialize(model=policy, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeed's eval() returns None, unlike nn.Module's
+        return engine
 
     @property
     def lr(self) -> float:

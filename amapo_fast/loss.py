@@ -243,6 +243,9 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, impl
     return tokens.sequence_sums(token_logps), tokens.counts
 
 
+_sequence_logps = sequence_logps  # reachable inside LinearPreferenceHead.forward, whose flag shadows the name
+
+
 class LinearPreferenceHead(nn.Module):
     """The lm_head as a loss module: owns (shares) the lm_head weight and computes the fused loss.
 
@@ -261,14 +264,19 @@ class LinearPreferenceHead(nn.Module):
         self.bias = bias
         self.loss_kwargs = loss_kwargs
 
-    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None):
+    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False):
+        """(loss, metrics); or, with sequence_logps=True, per-row (summed log-probs, token counts) without
+        grad for evaluation. Both go through forward so that ZeRO-3 gathers the weight for either."""
+        if sequence_logps:
+            return _sequence_logps(
+                hidden,
+                self.weight,
+                labels,
+                bias=self.bias,
+                ignore_index=self.loss_kwargs.get("ignore_index", -100),
+                impl=self.loss_kwargs.get("impl", "auto"),
+                cu_seqlens=cu_seqlens,
+            )
         return linear_preference_loss(
             hidden, self.weight, labels, bias=self.bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens, **self.loss_kwargs
-        )
-
-    def sequence_logps(self, hidden, labels, cu_seqlens=None):
-        impl = self.loss_kwargs.get("impl", "auto")
-        ignore_index = self.loss_kwargs.get("ignore_index", -100)
-        return sequence_logps(
-            hidden, self.weight, labels, bias=self.bias, ignore_index=ignore_index, impl=impl, cu_seqlens=cu_seqlens
         )

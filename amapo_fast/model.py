@@ -63,18 +63,6 @@ def load_causal_lm(name_or_path: str, *, tokenizer=None, dtype=torch.float32, at
     return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype, attn_implementation=attn)
 
 
-class PolicyHead(LinearPreferenceHead):
-    """LinearPreferenceHead whose forward also serves evaluation (`sequence_logps=True`).
-
-    Routing evaluation through forward is what makes ZeRO-3 gather the lm_head weight for it too.
-    """
-
-    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False):
-        if sequence_logps:
-            return super().sequence_logps(hidden, labels, cu_seqlens=cu_seqlens)
-        return super().forward(hidden, labels, ref_logps=ref_logps, cu_seqlens=cu_seqlens)
-
-
 class PreferencePolicy(nn.Module):
     """Causal LM backbone + fused preference head: `policy(batch) -> (loss, metrics)`.
 
@@ -86,7 +74,7 @@ class PreferencePolicy(nn.Module):
     def __init__(self, causal_lm, **loss_kwargs):
         super().__init__()
         self.causal_lm = causal_lm
-        self.head = PolicyHead(causal_lm.get_output_embeddings(), **loss_kwargs)
+        self.head = LinearPreferenceHead(causal_lm.get_output_embeddings(), **loss_kwargs)
 
     @property
     def backbone(self):

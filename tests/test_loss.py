@@ -266,6 +266,10 @@ def test_head_module_shares_lm_head():
     loss.backward()
     expected = run(hidden, weight, labels, impl="reference", beta=2.0)[2][1]
     torch.testing.assert_close(lm_head.weight.grad, expected)
+    sums, counts = head(hidden, labels, sequence_logps=True)
+    ref_sums, ref_counts = sequence_logps(hidden, weight, labels, impl="reference")
+    torch.testing.assert_close(sums, ref_sums)
+    assert torch.equal(counts, ref_counts)
 
 
 def test_second_backward_says_unsupported():

@@ -4,7 +4,6 @@ with from_pretrained and reproduces the trained model's log-probs; DPO and packe
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -35,25 +34,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(nproc: int, args: list[str], cwd: Path) -> subprocess.Popen:
+def _launch(nproc: int, args: list[str], cwd: Path) -> tuple[subprocess.Popen, Path]:
+    """Start torchrun; its output goes to a file (a pipe nobody reads during a run could fill and block it)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(TRAIN), *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 cores: one thread per rank
-    return subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    log = cwd / f"torchrun-{time.monotonic_ns()}.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    return process, log
+
+
+def _kill_tree(process: subprocess.Popen):
+    """SIGKILL the training processes, then torchrun (it starts each worker in a session of its own)."""
+    import psutil  # installed with deepspeed
+
+    for worker in psutil.Process(process.pid).children(recursive=True):
+        worker.kill()
+    process.kill()
+    process.wait()
 
 
 def _run(nproc: int, args: list[str], cwd: Path) -> str:
-    process = _launch(nproc, args, cwd)
+    process, log = _launch(nproc, args, cwd)
     try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
+        process.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"training timed out after {TIMEOUT_S}s:\n{output[-4000:]}")
+        _kill_tree(process)
+        pytest.fail(f"training timed out after {TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+    output = log.read_text()
     assert process.returncode == 0, f"training failed ({process.returncode}):\n{output[-6000:]}"
     return output
 
@@ -124,17 +135,13 @@ def test_fsdp2_and_deepspeed_agree(short_runs):
 def test_killed_run_resumes_exactly(short_runs, tmp_path, backend):
     output_dir = tmp_path / "out"
     args = SHORT_RUN + ["--backend", backend, "--output_dir", str(output_dir)]
-    process = _launch(2, args, tmp_path)
+    process, log = _launch(2, args, tmp_path)
     deadline = time.monotonic() + TIMEOUT_S
     while max(_train_losses(output_dir), default=0) < 3:  # kill once step 3 is logged
-        assert process.poll() is None, f"run ended before it could be killed:\n{process.communicate()[0][-4000:]}"
+        assert process.poll() is None, f"run ended before it could be killed:\n{log.read_text()[-4000:]}"
         assert time.monotonic() < deadline, "run did not reach step 3"
         time.sleep(0.05)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:  # it finished first: the assertion on resumed_at below reports that
-        pass
-    process.communicate()
+    _kill_tree(process)
 
     output = _run(2, args + ["--resume"], tmp_path)
     match = re.search(r"resumed from (\S+) at step (\d+)", output)
@@ -223,3 +230,15 @@ def test_settings_come_from_defaults_yaml_and_flags(tmp_path):
 def test_shipped_configs_parse(path):
     config = parse_config(["--config", str(path)])
     assert config.model_name_or_path != "toy" and config.precision == "bf16"
+
+
+def test_deepspeed_dpo_runs_the_frozen_reference(tmp_path):
+    """ZeRO-3 wraps the reference model in an engine of its own (no optimizer) and calls it under no-grad."""
+    args = ["--backend", "deepspeed", "--loss_type", "dpo", "--beta", "0.1", "--toy_num_train", "64",
+            "--toy_num_eval", "16", "--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1",
+            "--save_final", "false", "--output_dir", str(tmp_path / "out")]
+    _run(1, args, tmp_path)
+    losses = _train_losses(tmp_path / "out")
+    assert losses[1] == pytest.approx(0.6931472, abs=1e-5)  # the reference equals the initial policy
+    assert losses[4] < losses[1] - 1e-3  # the policy moved away from the reference, which stayed put
+    assert "eval/rewards/margins" in _final_eval(tmp_path / "out")
