@@ -24,12 +24,13 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "deepspeed": ["deepspeed>=0.15"],
+        # ZeRO-3 loading partitions weights as they load via transformers' HfDeepSpeedConfig, which needs accelerate.
+        "deepspeed": ["deepspeed>=0.15", "accelerate"],
         "flash-attn": ["flash-attn>=2.6"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         # A peer in the benchmark (CUDA only), measured when installed.
         "cut-cross-entropy": ["cut-cross-entropy"],
-        "dev": ["pytest", "liger-kernel>=0.5", "deepspeed>=0.15", "psutil"],
+        "dev": ["pytest", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil"],
     },
 )

@@ -1,10 +1,13 @@
 """Process group setup and the two scale-out backends behind one small interface.
 
 `Fsdp2Engine` shards each decoder layer and then the root with `fully_shard` (FSDP2); `DeepSpeedEngine`
-hands the policy to DeepSpeed ZeRO-3. Both expose: `model` (the module to call), `backward(loss, last)`
-per micro-batch, `step()` per optimizer step (returns the gradient norm), `lr`, `save(dir)`/`load(dir)` for
-sharded checkpoints, `full_state_dict()` for the final Hugging Face folder, and `frozen(policy)` to shard
-DPO's reference model the same way.
+hands the policy to DeepSpeed ZeRO-3. Each is built from `load`, a `load_policy` partial that the engine calls
+so that no rank holds a whole model it does not need: FSDP2 reads the weights on rank 0 only, the other ranks
+build the model on the meta device; ZeRO-3 partitions the parameters as they load. Both expose: `policy`
+(the `PreferencePolicy`), `model` (the module to call), `backward(loss, last)` per micro-batch, `step()` per
+optimizer step (returns the gradient norm), `lr`, `save(dir)`/`load(dir)` for sharded checkpoints,
+`full_state_dict()` for the final Hugging Face folder, and `frozen(load)` to load and shard DPO's reference
+model the same way.
 """
 import contextlib
 import dataclasses
@@ -61,6 +64,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_buffers(module: torch.nn.Module, device: torch.device):
+    """Every rank takes rank 0's buffers. Non-persistent ones (rotary `inv_freq`, ...) are not in the state dict,
+    and a rank that built the model on the meta device has no values for them."""
+    for submodule in module.modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            value = buffer if dist.get_rank() == 0 else torch.empty_like(buffer, device=device)
+            dist.broadcast(value, src=0)
+            setattr(submodule, name, value)
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak accelerator memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -94,14 +107,35 @@ def cosine_schedule(optimizer, optim: OptimConfig):
 class Fsdp2Engine:
     """FSDP2: `fully_shard` per decoder layer, then the root; fp32 master weights, bf16 compute if asked."""
 
-    def __init__(self, policy, env: DistEnv, optim: OptimConfig):
+    def __init__(self, load, env: DistEnv, optim: OptimConfig):
         self.env, self.optim = env, optim
-        self.model = self._shard(policy)
+        self.policy = self.model = self._load_sharded(load)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=optim.learning_rate, betas=optim.betas, eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
         self.scheduler = cosine_schedule(self.optimizer, optim)
+
+    def _load_sharded(self, load, trainable=True):
+        """Rank 0 alone reads the weights; the others build the model on the meta device (no host memory) and
+        receive their shards from rank 0 once the model is sharded. Random init ('toy') is rank 0's, too."""
+        policy = load(empty=not self.env.is_main)
+        policy.requires_grad_(trainable)
+        # Taken before sharding, while rank 0's parameters are still whole; released once broadcast.
+        full_state = policy.state_dict() if self.env.is_main else {}
+        self._shard(policy)
+        self._fill_from_rank0(policy, full_state)
+        return policy
+
+    def _fill_from_rank0(self, policy, full_state: dict):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not self.env.is_main:
+            # Allocate the meta shards where FSDP2 keeps them (CPUOffloadPolicy: on the host), values to follow.
+            policy.to_empty(device="cpu" if self.optim.cpu_offload else self.env.device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(policy, full_state, options=options)
+        broadcast_buffers(policy, self.env.device)
 
     def _shard(self, policy):
         from torch.distributed.device_mesh import init_device_mesh
@@ -123,10 +157,8 @@ class Fsdp2Engine:
         # The root holds the embeddings, the final norm and the (shared) lm_head weight of the head.
         return fully_shard(policy, **options)
 
-    def frozen(self, policy):
-        for parameter in policy.parameters():
-            parameter.requires_grad_(False)
-        return self._shard(policy).eval()
+    def frozen(self, load):
+        return self._load_sharded(load, trainable=False).eval()
 
     @property
     def lr(self) -> float:
@@ -179,54 +211,60 @@ class Fsdp2Engine:
         return state if self.env.is_main else None
 
 
+def deepspeed_config(optim: OptimConfig) -> dict:
+    """The ZeRO-3 configuration, for both model construction (zero.Init) and `deepspeed.initialize`."""
+    zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    if optim.cpu_offload:
+        zero["offload_param"] = {"device": "cpu"}
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": optim.micro_batch_size,
+        "gradient_accumulation_steps": optim.gradient_accumulation_steps,
+        "gradient_clipping": optim.max_grad_norm,
+        "bf16": {"enabled": optim.bf16},
+        "zero_optimization": zero,
+        # torch's AdamW also on offloaded states: DeepSpeedCPUAdam would need a C++ build.
+        "zero_force_ds_cpu_optimizer": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.learning_rate,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-3 with torch's AdamW (`torch_adam`: no extension build) and our cosine schedule."""
 
-    def __init__(self, policy, env: DistEnv, optim: OptimConfig):
+    def __init__(self, load, env: DistEnv, optim: OptimConfig):
         import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
 
         self.env, self.optim = env, optim
-        self.config = self._config()
+        self.config = deepspeed_config(optim)
+        # While this object lives, transformers builds models under deepspeed.zero.Init: each parameter is
+        # partitioned as it is created, and from_pretrained reads the checkpoint on rank 0 only. It must stay
+        # referenced (transformers keeps a weak reference) for the reference model and for saving.
+        self.hf_deepspeed_config = HfDeepSpeedConfig(self.config)
+        self.policy = load()
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=policy,
-            model_parameters=[p for p in policy.parameters() if p.requires_grad],
+            model=self.policy,
+            model_parameters=[p for p in self.policy.parameters() if p.requires_grad],
             config=self.config,
             lr_scheduler=lambda optimizer: cosine_schedule(optimizer, optim),
         )
 
-    def _config(self) -> dict:
-        optim = self.optim
-        zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
-        if optim.cpu_offload:
-            zero["offload_param"] = {"device": "cpu"}
-            zero["offload_optimizer"] = {"device": "cpu"}
-        return {
-            "train_micro_batch_size_per_gpu": optim.micro_batch_size,
-            "gradient_accumulation_steps": optim.gradient_accumulation_steps,
-            "gradient_clipping": optim.max_grad_norm,
-            "bf16": {"enabled": optim.bf16},
-            "zero_optimization": zero,
-            # torch's AdamW also on offloaded states: DeepSpeedCPUAdam would need a C++ build.
-            "zero_force_ds_cpu_optimizer": False,
-            "optimizer": {
-                "type": "AdamW",
-                "params": {
-                    "lr": optim.learning_rate,
-                    "betas": list(optim.betas),
-                    "eps": optim.eps,
-                    "weight_decay": optim.weight_decay,
-                    "torch_adam": True,
-                },
-            },
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
-
-    def frozen(self, policy):
+    def frozen(self, load):
         import deepspeed
 
-        for parameter in policy.parameters():
-            parameter.requires_grad_(False)
+        policy = load().requires_grad_(False)
         config = {key: value for key, value in self.config.items() if key != "optimizer"}
         engine, *_ = deepspeed.initialize(model=policy, config=config)
         engine.eval()  # DeepSpeed's eval() returns None, unlike nn.Module's

@@ -47,20 +47,48 @@ def _without_dropout(config):
     return config
 
 
-def load_causal_lm(name_or_path: str, *, tokenizer=None, dtype=torch.float32, attn_implementation="auto"):
-    """An `AutoModelForCausalLM` with dropout off; 'toy' builds the tiny random-init Llama of toy.py."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    attn = resolve_attn_implementation(attn_implementation)
+def _model_config(name_or_path: str, tokenizer=None):
+    """The architecture's config with dropout off; 'toy' is the tiny Llama of toy.py."""
     if name_or_path == TOY:
         from .toy import build_toy_tokenizer, tiny_llama_config
 
-        config = tiny_llama_config(tokenizer or build_toy_tokenizer())
-        return AutoModelForCausalLM.from_config(_without_dropout(config), dtype=dtype, attn_implementation=attn)
+        return _without_dropout(tiny_llama_config(tokenizer or build_toy_tokenizer()))
+    from transformers import AutoConfig
+
     config = _without_dropout(AutoConfig.from_pretrained(name_or_path))
     if getattr(config, "final_logit_softcapping", None):
         raise ValueError(f"{name_or_path}: final logit soft-capping is not supported by the fused preference loss")
-    return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype, attn_implementation=attn)
+    return config
+
+
+def load_causal_lm(
+    name_or_path: str, *, tokenizer=None, dtype=torch.float32, attn_implementation="auto", empty=False
+):
+    """An `AutoModelForCausalLM` with dropout off; 'toy' builds the tiny random-init Llama of toy.py.
+
+    `empty=True` builds the architecture on the meta device: no memory, no weights read. FSDP2's
+    ranks other than 0 do so and receive their shards of rank 0's weights once the model is sharded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = _model_config(name_or_path, tokenizer)
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation))
+    if empty:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+    if name_or_path == TOY:
+        return _toy_causal_lm(config, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **kwargs)
+
+
+def _toy_causal_lm(config, **kwargs):
+    """The toy's random init, handed to from_pretrained as a checkpoint would be: its values are then the same
+    on every backend (under ZeRO-3, from_config would initialise inside zero.Init, drawing other numbers)."""
+    from transformers import LlamaForCausalLM
+
+    # A plain dict, as a safetensors file gives: transformers' ZeRO-3 loader fails on a state dict's `_metadata`.
+    weights = dict(LlamaForCausalLM(config).state_dict())
+    return LlamaForCausalLM.from_pretrained(None, config=config, state_dict=weights, **kwargs)
 
 
 class PreferencePolicy(nn.Module):
@@ -107,11 +135,14 @@ def load_policy(
     dtype=torch.float32,
     attn_implementation="auto",
     gradient_checkpointing=False,
+    empty=False,
     **loss_kwargs,
 ) -> PreferencePolicy:
     """Load a causal LM and wrap it as a `PreferencePolicy`; loss_kwargs go to `linear_preference_loss`
-    (beta, loss_type, label_smoothing, gamma_beta_ratio, stats_scope, impl)."""
-    causal_lm = load_causal_lm(name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation)
+    (beta, loss_type, label_smoothing, gamma_beta_ratio, stats_scope, impl). `empty`: see `load_causal_lm`."""
+    causal_lm = load_causal_lm(
+        name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation, empty=empty
+    )
     if gradient_checkpointing:
         # Non-reentrant recomputation (works with FSDP2 and ZeRO-3); transformers 5 renamed the switch.
         if hasattr(causal_lm, "activation_checkpointing_enable"):

@@ -16,6 +16,7 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _package_dir]
     sys.path.insert(0, os.path.dirname(_package_dir))
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -259,10 +260,6 @@ class Trainer:
         )
         # fp32 master weights; bf16 compute comes from FSDP2's mixed precision or DeepSpeed's bf16 mode.
         model_kwargs = dict(tokenizer=self.tokenizer, dtype=torch.float32, attn_implementation=config.attn_implementation)
-        set_seed(config.seed)  # the toy model's random init is identical on every rank
-        self.policy = load_policy(
-            config.model_name_or_path, gradient_checkpointing=config.gradient_checkpointing, **model_kwargs, **loss_kwargs
-        )
         optim = OptimConfig(
             learning_rate=config.learning_rate, weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
@@ -270,14 +267,21 @@ class Trainer:
             max_grad_norm=config.max_grad_norm, gradient_accumulation_steps=config.gradient_accumulation_steps,
             micro_batch_size=config.per_device_train_batch_size, bf16=self.bf16, cpu_offload=config.cpu_offload,
         )
-        self.engine = ENGINES[config.backend](self.policy, self.env, optim)
+        # The engine calls the loader itself, so that no rank holds a whole model it does not need.
+        load = functools.partial(load_policy, **model_kwargs, **loss_kwargs)
+        set_seed(config.seed)  # the toy model's random init is the same in every run
+        self.engine = ENGINES[config.backend](
+            functools.partial(load, config.model_name_or_path, gradient_checkpointing=config.gradient_checkpointing),
+            self.env, optim,
+        )
+        self.policy = self.engine.policy
         self.model = self.engine.model  # what to call: FSDP2's root module or the DeepSpeed engine
         self.ref_model = None
         if config.loss_type == "dpo" and REF_COLUMNS[0] not in self.train_set.column_names:
             # DPO without precomputed log-probs: the frozen reference model, sharded like the policy, under no-grad.
             set_seed(config.seed)
             reference_name = config.ref_model_name_or_path or config.model_name_or_path
-            self.ref_model = self.engine.frozen(load_policy(reference_name, **model_kwargs, **loss_kwargs))
+            self.ref_model = self.engine.frozen(functools.partial(load, reference_name))
 
     def evaluate(self) -> dict:
         return evaluate_held_out(self.model, self.ref_model, self.eval_set, self.collator, self.config)
