@@ -46,7 +46,7 @@ def _backend(impl: str):
 class ResponseTokens:
     """The response tokens of a batch, flattened: which rows of hidden they are and which sequence owns them."""
 
-    def __init__(self, labels, ignore_index, cu_seqlens, num_positions):
+    def __init__(self, labels, ignore_index, cu_seqlens):
         flat_labels = labels.reshape(-1)
         if cu_seqlens is None:
             rows, seq_len = labels.shape
@@ -60,10 +60,14 @@ class ResponseTokens:
         self.targets = flat_labels[self.positions].long()
         self.sequence = owner[self.positions]  # which row each response token belongs to
         self.num_rows = rows
-        self.num_positions = num_positions
+        self.num_positions = labels.numel()  # one hidden row per label
         self.counts = torch.zeros(rows, dtype=torch.long, device=labels.device).index_add_(
             0, self.sequence, torch.ones_like(self.sequence)
         )
+
+    def gather(self, hidden):
+        """The response tokens' hidden states [n_response, D] (a copy: prompt and padding are left behind)."""
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions)
 
     def sequence_sums(self, token_values):
         return token_values.new_zeros(self.num_rows).index_add_(0, self.sequence, token_values)
@@ -72,8 +76,7 @@ class ResponseTokens:
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend):
-        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-        response_hidden = hidden_2d.index_select(0, tokens.positions)
+        response_hidden = tokens.gather(hidden)
         token_logps, lse = backend.token_logprobs(response_hidden, weight, bias, tokens.targets)
 
         with torch.enable_grad():
@@ -161,12 +164,10 @@ def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
             f"hidden holds {rows} sequences: expected an even, non-zero number (B chosen rows, then B rejected rows)"
         )
 
-    response = labels != ignore_index
-    if bool(response.any()):
-        bad = response & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            value = int(labels[bad][0])
-            raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):  # one device sync per call: the price of naming a bad label before a kernel reads it
+        value = int(labels[bad][0])
+        raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
     return rows
 
 
@@ -215,7 +216,7 @@ def linear_preference_loss(
         stats_scope=stats_scope,
     )
     impl = _resolve_impl(impl, hidden.device)
-    tokens = ResponseTokens(labels, ignore_index, cu_seqlens, hidden.reshape(-1, hidden.shape[-1]).shape[0])
+    tokens = ResponseTokens(labels, ignore_index, cu_seqlens)
     _check_every_row_has_response(tokens.counts)
     if impl == "reference":
         return reference_preference_loss(
@@ -237,9 +238,8 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, impl
         return reference_sequence_logps(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens
         )
-    tokens = ResponseTokens(labels, ignore_index, cu_seqlens, hidden.reshape(-1, hidden.shape[-1]).shape[0])
-    response_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, tokens.positions)
-    token_logps, _ = _backend(impl).token_logprobs(response_hidden, weight, bias, tokens.targets)
+    tokens = ResponseTokens(labels, ignore_index, cu_seqlens)
+    token_logps, _ = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets)
     return tokens.sequence_sums(token_logps), tokens.counts
 
 
