@@ -61,7 +61,7 @@ def parse_args(argv):
                         help="one worker process per path (default: compile caches stay warm across shapes) or per case")
     parser.add_argument("--group-timeout", type=float, default=0.0, help="kill a worker after this many seconds (0: never)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="results folder")
-    parser.add_argument("--name", help="file stem of the results (default <device>-<date>)")
+    parser.add_argument("--name", help="file stem of the results (default <device>-<date>, with -quick for --quick)")
     return parser.parse_args(argv)
 
 
@@ -143,7 +143,8 @@ def main(argv=None):
     groups = [[case] for case in cases] if args.isolate == "case" else [
         [case for case in cases if case["path"] == name] for name in dict.fromkeys(c["path"] for c in cases)
     ]
-    stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}"
+    # A --quick smoke run gets its own stem, so it never overwrites a real run's results of the same day.
+    stem = args.name or f"{device.type}-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / f"{stem}.log"
     environment = report.environment(device, dtype, ["bench/run.py"] + list(argv))
