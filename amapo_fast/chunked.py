@@ -1,22 +1,26 @@
-"""The chunked PyTorch twin of the Triton kernels: same algorithm, same signatures, any device.
+"""The chunked PyTorch twin of the Triton kernels: same two passes, same signatures, any device.
 
-Only response tokens come in. Logits exist one token chunk at a time ([chunk, V] fp32), never for the
-whole batch: pass 1 keeps two floats per token (log-sum-exp and log-prob); pass 2 recomputes each
-chunk's logits to form dH, dW and d bias. `impl="auto"` uses it for CPU tensors.
+Only response tokens come in, and no [N, V] buffer is made. Pass 1 walks the tokens in chunks of
+~CHUNK_BYTES of fp32 logits and keeps a few floats per token. Pass 2 walks the vocabulary in chunks:
+it recomputes the chunk's logits for every token, forms dlogits in the scratch, and hands it to the GEMM
+half shared with the Triton path (`vocab_chunks.backward_by_vocab_chunks`). `impl="auto"` uses this
+path for CPU tensors.
 
-All matmuls run in the accumulation dtype (fp32): a 16-bit weight is upcast once per pass (V*D*4
-bytes). CPUs have no 16-bit matmul that returns fp32, and rounding logits to bf16 would cost ~1e-2
-in the log-probs; the Triton kernels get the same exactness from fp32 accumulation in registers.
+All matmuls run in the accumulation dtype (fp32): CPUs have no 16-bit matmul that returns fp32, and
+rounding logits to bf16 would cost ~1e-2 in the log-probs; the Triton kernels get the same exactness
+from fp32 accumulation in registers.
 """
 import torch
 
-# Size of one chunk's fp32 logits. Small enough to stay far below the full [N, V] buffer, large enough
-# that each matmul still runs at full speed.
+from .vocab_chunks import TokenLogprobs, backward_by_vocab_chunks
+
+# Size of one chunk of fp32 logits: pass 1's token chunks and pass 2's scratch. Small enough to stay far
+# below the full [N, V] buffer, large enough that each CPU matmul still runs at full speed.
 CHUNK_BYTES = 32 * 2**20
 
 
 def chunk_tokens(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Tokens per chunk so that one chunk of fp32 logits takes about chunk_bytes."""
+    """Tokens per pass-1 chunk so that one chunk of fp32 logits takes about chunk_bytes."""
     return max(1, chunk_bytes // (4 * vocab_size))
 
 
@@ -25,49 +29,56 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden_chunk, weight_acc, bias):
-    logits = hidden_chunk.to(weight_acc.dtype) @ weight_acc.T
+def _logits(hidden, weight_acc, bias):
+    logits = hidden.to(weight_acc.dtype) @ weight_acc.T
     if bias is not None:
         logits += bias.to(weight_acc.dtype)
     return logits
 
 
-def token_logprobs(hidden, weight, bias, targets, chunk_bytes: int = CHUNK_BYTES):
-    """(logp [N], lse [N]) in fp32 (float64 for float64 inputs) of the targets under softmax(hidden @ weight.T + bias)."""
-    num_tokens = hidden.shape[0]
-    logp = torch.empty(num_tokens, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
-    lse = torch.empty_like(logp)
-    weight_acc = weight.to(lse.dtype)
-    step = chunk_tokens(weight.shape[0], chunk_bytes)
-    for start in range(0, num_tokens, step):
-        stop = min(start + step, num_tokens)
-        logits = _chunk_logits(hidden[start:stop], weight_acc, bias)
-        lse[start:stop] = torch.logsumexp(logits, dim=-1)
-        logp[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse[start:stop]
-    return logp, lse
-
-
-def token_grads(hidden, weight, bias, targets, lse, coef, chunk_bytes: int = CHUNK_BYTES):
-    """Gradients of sum_t coef_t * logp_t: (d_hidden [N, D], d_weight [V, D], d_bias [V] or None).
-
-    dlogits = coef * (onehot(target) - softmax), accumulated in fp32, returned in the input dtypes.
-    """
-    num_tokens = hidden.shape[0]
-    d_hidden = torch.empty_like(hidden)
-    acc = accumulation_dtype(weight.dtype)
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-    d_bias = None if bias is None else torch.zeros(bias.shape, dtype=acc, device=bias.device)
+def token_logprobs(hidden, weight, bias, targets, chunk_bytes: int = CHUNK_BYTES) -> TokenLogprobs:
+    """Pass 1: per-token log-prob, log-sum-exp and metric inputs (fp32; float64 for float64 inputs)."""
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc = accumulation_dtype(hidden.dtype)
+    result = TokenLogprobs(*torch.empty(5, num_tokens, dtype=acc, device=hidden.device))
     weight_acc = weight.to(acc)
-    step = chunk_tokens(weight.shape[0], chunk_bytes)
+    step = chunk_tokens(vocab, chunk_bytes)
     for start in range(0, num_tokens, step):
         stop = min(start + step, num_tokens)
-        chunk_coef = coef[start:stop, None].to(acc)
-        logits = _chunk_logits(hidden[start:stop], weight_acc, bias)
-        # In place: logits -> probabilities -> dlogits, so one [chunk, V] buffer serves all three.
-        dlogits = logits.sub_(lse[start:stop, None]).exp_().mul_(-chunk_coef)
-        dlogits.scatter_add_(1, targets[start:stop, None], chunk_coef)
-        d_hidden[start:stop] = (dlogits @ weight_acc).to(hidden.dtype)
-        d_weight.addmm_(dlogits.T, hidden[start:stop].to(acc))
-        if d_bias is not None:
-            d_bias += dlogits.sum(0)
-    return d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype)
+        logits = _logits(hidden[start:stop], weight_acc, bias)
+        top = logits.amax(1, keepdim=True)
+        target_logit = logits.gather(1, targets[start:stop, None])
+        result.mean_logit[start:stop] = logits.mean(1)
+        result.argmax_hit[start:stop] = (target_logit >= top).squeeze(1).to(acc)
+        exp_logits = torch.exp(logits - top)
+        sum_exp = exp_logits.sum(1, keepdim=True)
+        lse = top + torch.log(sum_exp)
+        result.lse[start:stop] = lse.squeeze(1)
+        result.logp[start:stop] = (target_logit - lse).squeeze(1)
+        expected_logit = (exp_logits.mul_(logits)).sum(1, keepdim=True) / sum_exp
+        result.entropy[start:stop] = (lse - expected_logit).squeeze(1)
+    return result
+
+
+def token_grads(hidden, weight, bias, targets, lse, coef, chunk_bytes: int = CHUNK_BYTES, chunk_columns=None):
+    """Pass 2: (d_hidden [N, D], d_weight [V, D], d_bias [V] or None) of sum_t coef_t * logp_t.
+
+    dlogits = coef * (onehot(target) - softmax), formed in the accumulation dtype, outputs in the input
+    dtypes. chunk_columns overrides the vocabulary chunk width that chunk_bytes gives.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    hidden_acc = hidden.to(acc)
+    coef = coef[:, None].to(acc)
+    lse = lse[:, None].to(acc)
+
+    def write_dlogits(start, stop, out):
+        torch.mm(hidden_acc, weight[start:stop].to(acc).T, out=out)
+        if bias is not None:
+            out += bias[start:stop].to(acc)
+        out.sub_(lse).exp_().mul_(-coef)  # in place: logits -> probabilities -> dlogits
+        rows = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
+        out[rows, targets[rows] - start] += coef[rows, 0]
+
+    return backward_by_vocab_chunks(
+        hidden, weight, bias, write_dlogits, acc, scratch_bytes=chunk_bytes, columns=chunk_columns
+    )

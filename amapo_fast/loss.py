@@ -6,24 +6,27 @@ The fused implementations (Triton kernels on GPU, the chunked PyTorch twin anywh
   stage   per-sequence sums -> statistics, margin, loss, metrics (`objective.py`, B-sized); autograd on
           this tiny stage gives dL/d(sequence sum), i.e. one gradient coefficient per token,
   pass 2  (backward) recompute each logit tile and form dH, dW, d bias from the coefficients.
-The margin needs every sequence's log-prob, so no coefficient is known before pass 1 ends (SPEC §2).
+The margin needs every sequence's log-prob, so no coefficient is known before pass 1 ends.
 """
 import os
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from . import chunked
-from .objective import METRIC_KEYS, preference_objective, validate_objective_args
+from .objective import METRIC_KEYS, preference_objective, token_metrics, validate_objective_args
 from .reference import reference_preference_loss, reference_sequence_logps
 
 IMPLS = ("auto", "triton", "chunked", "reference")
 
 
 def _triton_backend():
-    from .kernels import logprob  # imported lazily: triton is only needed for impl="triton"
+    # Imported lazily: triton is only needed for impl="triton".
+    from .kernels.dlogits_backward import token_grads
+    from .kernels.lse_forward import token_logprobs
 
-    return logprob
+    return SimpleNamespace(token_logprobs=token_logprobs, token_grads=token_grads)
 
 
 def _resolve_impl(impl: str, device: torch.device) -> str:
@@ -77,16 +80,24 @@ class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend):
         response_hidden = tokens.gather(hidden)
-        token_logps, lse = backend.token_logprobs(response_hidden, weight, bias, tokens.targets)
+        pass1 = backend.token_logprobs(response_hidden, weight, bias, tokens.targets)
 
         with torch.enable_grad():
-            sums = tokens.sequence_sums(token_logps).detach().requires_grad_(True)
+            sums = tokens.sequence_sums(pass1.logp).detach().requires_grad_(True)
             loss, metrics = preference_objective(sums, tokens.counts, **objective_kwargs)
             (d_sums,) = torch.autograd.grad(loss, sums)
+        metrics.update(
+            token_metrics(*(tokens.sequence_sums(v) for v in pass1[2:]), tokens.counts)
+        )
         # Each token's log-prob enters its sequence's sum with weight 1.
-        coef = d_sums.to(token_logps.dtype)[tokens.sequence]
+        coef = d_sums.to(pass1.logp.dtype)[tokens.sequence]
+        # The matrix products only read response rows; a non-finite value elsewhere in hidden (prompt,
+        # padding) still makes the reference NaN, so it poisons the loss, metrics and gradients here too.
+        poison = torch.where(torch.isfinite(hidden).all(), 0.0, float("nan"))
+        loss, coef = loss + poison, coef + poison
+        metrics = {key: value + poison for key, value in metrics.items()}
 
-        ctx.save_for_backward(response_hidden, weight, bias, lse, coef)
+        ctx.save_for_backward(response_hidden, weight, bias, pass1.lse, coef)
         ctx.tokens, ctx.backend, ctx.hidden_shape = tokens, backend, hidden.shape
         metric_values = torch.stack([metrics[key] for key in METRIC_KEYS])
         ctx.mark_non_differentiable(metric_values)
@@ -120,7 +131,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
 
 def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
-    """Shape, dtype and device checks that name the offending tensor. Returns the number of rows."""
+    """Shape, dtype, device and label checks that name the offending tensor. Returns the number of rows."""
     for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -159,16 +170,19 @@ def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != hidden.shape[0] or bool((cu_seqlens.diff() < 0).any()):
             raise ValueError(f"cu_seqlens must rise from 0 to N={hidden.shape[0]}, got {cu_seqlens.tolist()}")
         rows = cu_seqlens.numel() - 1
-    if rows % 2 or rows == 0:
-        raise ValueError(
-            f"hidden holds {rows} sequences: expected an even, non-zero number (B chosen rows, then B rejected rows)"
-        )
 
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):  # one device sync per call: the price of naming a bad label before a kernel reads it
         value = int(labels[bad][0])
         raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
     return rows
+
+
+def _check_pair_rows(rows):
+    if rows % 2 or rows == 0:
+        raise ValueError(
+            f"hidden holds {rows} sequences: expected an even, non-zero number (B chosen rows, then B rejected rows)"
+        )
 
 
 def _check_every_row_has_response(counts):
@@ -203,9 +217,11 @@ def linear_preference_loss(
     shifted (labels[:, t] is predicted from hidden[:, t]), ignore_index on prompt and padding. Packed
     layout: hidden [N, D], labels [N], cu_seqlens [2B + 1]. weight [V, D] is the lm_head weight.
     Returns (loss, metrics): the mean loss over this rank's pairs and a dict of detached 0-dim fp32
-    metrics over this rank's pairs (SPEC §1 keys). See SPEC §1 for the exact definitions.
+    metrics over this rank's pairs and response tokens, keyed by METRIC_KEYS (the keys TRL and the
+    AMaPO authors log). README.md states the loss exactly.
     """
     rows = _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+    _check_pair_rows(rows)
     validate_objective_args(beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device)
     objective_kwargs = dict(
         beta=beta,
@@ -231,16 +247,17 @@ def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, impl
     """Per-row summed response log-probs [S] (fp32) and response-token counts [S], without grad.
 
     For evaluation (ranking accuracy uses sum / count) and for precomputing DPO reference log-probs.
-    Rows with no response token get a sum of 0 and a count of 0.
+    Rows with no response token get a sum of 0 and a count of 0. Inputs are checked as the loss checks them.
     """
+    _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
     impl = _resolve_impl(impl, hidden.device)
     if impl == "reference":
         return reference_sequence_logps(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens
         )
     tokens = ResponseTokens(labels, ignore_index, cu_seqlens)
-    token_logps, _ = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets)
-    return tokens.sequence_sums(token_logps), tokens.counts
+    pass1 = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets)
+    return tokens.sequence_sums(pass1.logp), tokens.counts
 
 
 _sequence_logps = sequence_logps  # reachable inside LinearPreferenceHead.forward, whose flag shadows the name

@@ -1,4 +1,4 @@
-"""The B-sized stage: per-sequence log-probs -> statistics, adaptive margin, loss and metrics (SPEC §1).
+"""The B-sized stage: per-sequence log-probs -> statistics, adaptive margin, loss and metrics.
 
 Everything here works on a handful of numbers per pair, so it is plain PyTorch shared by every
 implementation (reference, chunked, Triton). The fused paths get the per-token gradient coefficients
@@ -18,7 +18,8 @@ STATS_SCOPES = ("global", "local")
 # (e^80 ~ 5.5e34 is far beyond any margin that carries information; below the cap the math is exact).
 MAX_MARGIN_EXPONENT = 80.0
 
-METRIC_KEYS = (
+# Pair-level metrics (what preference_objective returns), with the keys TRL and the authors' trainer log.
+SEQUENCE_METRIC_KEYS = (
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -30,6 +31,11 @@ METRIC_KEYS = (
     "loss/margin",
     "margin/zero_fraction",
 )
+# Token-level metrics over response tokens (token_metrics): the mean logit of chosen and rejected
+# responses, the mean entropy of the predictive distribution, and the fraction of tokens whose target
+# has the largest logit.
+TOKEN_METRIC_KEYS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+METRIC_KEYS = SEQUENCE_METRIC_KEYS + TOKEN_METRIC_KEYS
 
 
 def gather_statistics_group(delta: torch.Tensor, stats_scope: str) -> torch.Tensor:
@@ -55,7 +61,7 @@ def gather_statistics_group(delta: torch.Tensor, stats_scope: str) -> torch.Tens
 
 
 def adaptive_margin(delta: torch.Tensor, group: torch.Tensor, beta: float, loss_type: str):
-    """AMaPO's detached margin m_i and the group mean mu (SPEC §1), for an AMaPO loss type."""
+    """AMaPO's detached margin m_i and the group mean mu, for an AMaPO loss type."""
     delta = delta.detach()
     mu = group.mean()
     if group.numel() < 2:
@@ -142,8 +148,27 @@ def preference_objective(
             "loss/margin": margin.mean(),
             "margin/zero_fraction": (margin == 0).double().mean(),
         }
-        metrics = {key: values[key].detach().float() for key in METRIC_KEYS}
+        metrics = {key: values[key].detach().float() for key in SEQUENCE_METRIC_KEYS}
     return loss, metrics
+
+
+@torch.no_grad()
+def token_metrics(mean_logit_sums, entropy_sums, argmax_hit_sums, seq_lengths) -> dict:
+    """TOKEN_METRIC_KEYS from per-row sums over response tokens ([2B] each, chosen rows first).
+
+    Each response token counts once, so longer responses weigh more, as in TRL's token-level metrics.
+    The logits are averaged over the vocabulary per token, then over response tokens; the authors'
+    trainer averages over every position of the batch, prompt and padding included.
+    """
+    num_pairs = seq_lengths.shape[0] // 2
+    counts = seq_lengths.double()
+    values = {
+        "logits/chosen": mean_logit_sums[:num_pairs].double().sum() / counts[:num_pairs].sum(),
+        "logits/rejected": mean_logit_sums[num_pairs:].double().sum() / counts[num_pairs:].sum(),
+        "entropy": entropy_sums.double().sum() / counts.sum(),
+        "mean_token_accuracy": argmax_hit_sums.double().sum() / counts.sum(),
+    }
+    return {key: value.float() for key, value in values.items()}
 
 
 def validate_objective_args(beta, loss_type, label_smoothing, stats_scope, ref_logps, num_rows, device):

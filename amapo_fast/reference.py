@@ -6,33 +6,54 @@ the logits are upcast to fp32, log_softmax, gather the label, mask, sum per sequ
 """
 import torch
 
-from .objective import preference_objective
+from .objective import preference_objective, token_metrics
 
 
-def token_logprobs_reference(hidden, weight, labels, bias=None, ignore_index=-100):
-    """Per-position log-prob of the label, 0 where the label is ignore_index; and the response mask."""
+def _logits(hidden, weight, bias):
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
     # Upcast like TRL does (fp32; float64 inputs stay float64).
-    logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def token_logprobs_reference(hidden, weight, labels, bias=None, ignore_index=-100):
+    """Per-position log-prob of the label, 0 where the label is ignore_index; and the response mask."""
+    logprobs = torch.log_softmax(_logits(hidden, weight, bias), dim=-1)
     mask = labels != ignore_index
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     token_logps = torch.gather(logprobs, -1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return token_logps * mask, mask
 
 
+def _row_sums(values, mask, cu_seqlens):
+    """Per-row sums of values over response positions: [S, T] rows, or packed [N] with boundaries."""
+    values = values * mask
+    if cu_seqlens is None:  # padded layout [S, T]
+        return values.sum(-1)
+    # Packed layout [N]: segment sums over the sequence boundaries.
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    return values.new_zeros(lengths.numel()).index_add(0, seq_ids, values)
+
+
 def reference_sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
     """Per-row summed response log-probs [S] (fp32) and response-token counts [S]."""
     token_logps, mask = token_logprobs_reference(hidden, weight, labels, bias, ignore_index)
-    if cu_seqlens is None:  # padded layout [S, T, D]
-        return token_logps.sum(-1), mask.sum(-1)
-    # Packed layout [N, D]: segment sums over the sequence boundaries.
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=labels.device), lengths)
-    sums = token_logps.new_zeros(lengths.numel()).index_add(0, seq_ids, token_logps)
-    counts = torch.zeros_like(lengths).index_add(0, seq_ids, mask.long())
-    return sums, counts
+    return _row_sums(token_logps, mask, cu_seqlens), _row_sums(mask.long(), mask, cu_seqlens)
+
+
+@torch.no_grad()
+def reference_token_metrics(hidden, weight, labels, *, bias=None, ignore_index=-100, cu_seqlens=None):
+    """The token-level metrics (mean logit, entropy, target-is-argmax) from the full logits."""
+    logits = _logits(hidden, weight, bias)
+    mask = labels != ignore_index
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    target_logit = torch.gather(logits, -1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    argmax_hit = (target_logit >= logits.amax(-1)).to(logits.dtype)
+    sums = [_row_sums(value, mask, cu_seqlens) for value in (logits.mean(-1), entropy, argmax_hit)]
+    return token_metrics(*sums, _row_sums(mask.long(), mask, cu_seqlens))
 
 
 def reference_preference_loss(
@@ -54,7 +75,7 @@ def reference_preference_loss(
     sums, counts = reference_sequence_logps(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens
     )
-    return preference_objective(
+    loss, metrics = preference_objective(
         sums,
         counts,
         beta=beta,
@@ -64,3 +85,7 @@ def reference_preference_loss(
         ref_logps=ref_logps,
         stats_scope=stats_scope,
     )
+    metrics.update(
+        reference_token_metrics(hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    )
+    return loss, metrics

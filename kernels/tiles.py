@@ -1,7 +1,7 @@
 """Building blocks shared by the log-prob kernels: launch mode, program ordering, one logit tile.
 
 Under TRITON_INTERPRET=1 (CPU tensors) the kernels run through Triton's interpreter, which is slow and
-multiplies bf16 x bf16 `tl.dot` operands wrongly (upstream issue 11584). `INTERPRET` is read once, at
+multiplies bf16 x bf16 `tl.dot` operands wrongly (a known interpreter bug). `INTERPRET` is read once, at
 import, because the interpreter itself is chosen when `@triton.jit` runs; it reaches the kernels as a
 constexpr so the upcast below is compiled out on GPU.
 """
@@ -28,6 +28,16 @@ def grouped_program(pid, num_token_blocks, num_column_blocks, GROUP_N: tl.conste
     token_block = first_token_block + (pid % programs_per_group) % group_size
     column_block = (pid % programs_per_group) // group_size
     return token_block, column_block
+
+
+@triton.jit
+def row_offsets(rows, row_stride, INT64_OFFSETS: tl.constexpr):
+    """Element offsets of rows of a row-major matrix: int32 where the launcher proved they fit (cheaper
+    address arithmetic, fewer registers), int64 otherwise (V * D exceeds 2^31 for heads like 256k x 8192)."""
+    if INT64_OFFSETS:
+        return rows.to(tl.int64) * row_stride
+    else:
+        return rows * row_stride
 
 
 @triton.jit
@@ -65,6 +75,7 @@ def logit_tile(
     col_ok,
     D,
     HAS_BIAS: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
     INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -74,10 +85,9 @@ def logit_tile(
     """fp32 logits [BLOCK_N, BLOCK_V] = hidden[rows] @ weight[cols]^T + bias[cols], summed over D in chunks.
 
     Out-of-range rows and columns load zeros, so their logits are finite (bias or 0); callers mask them.
-    Offsets are int64: V * D exceeds 2^31 for large heads (e.g. 256k x 8192).
     """
-    hidden_rows = hidden_ptr + rows.to(tl.int64)[:, None] * D
-    weight_rows = weight_ptr + cols.to(tl.int64)[:, None] * D
+    hidden_rows = hidden_ptr + row_offsets(rows, D, INT64_OFFSETS)[:, None]
+    weight_rows = weight_ptr + row_offsets(cols, D, INT64_OFFSETS)[:, None]
     logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d_start in range(0, D, BLOCK_D):
         dims = d_start + tl.arange(0, BLOCK_D)

@@ -1,5 +1,9 @@
 """The Triton log-prob kernels against float64 torch on the same inputs (CPU: through Triton's interpreter).
 
+Pass 1 (`lse_forward`) is checked with several vocabulary splits, pass 2 (`dlogits_backward`) with several
+vocabulary chunks, so the split-combining and chunk-offset code that every real launch runs is exercised
+at test sizes.
+
 Gradient tolerances are error bounds, element by element: |kernel - exact| <= rel * (|exact| + magnitude),
 where magnitude is the sum of the absolute values of the terms the element sums (|dlogits| @ |W| for dH,
 and so on). Cancellation can make an element far smaller than its terms, so a plain relative tolerance
@@ -19,14 +23,14 @@ import pytest
 import torch
 
 from amapo_fast import chunked
-from amapo_fast.kernels import logprob
+from amapo_fast.kernels import autotune, dlogits_backward, inputs, lse_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_REL = 1e-5
 ROUNDOFF = {torch.float32: 0.0, torch.bfloat16: 2**-8, torch.float16: 2**-11}  # u of the 16-bit roundings
 REL = {dtype: FP32_REL + u for dtype, u in ROUNDOFF.items()}
 ATOL = {dtype: 2 * u * torch.finfo(dtype).smallest_normal for dtype, u in ROUNDOFF.items()}
-BLOCK_N = logprob.BACKWARD_CONFIGS[0].kwargs["BLOCK_N"]
+BLOCK_N = autotune.token_block_size(37, torch.float32)
 
 
 def make_inputs(num_tokens, vocab, dim, dtype, with_bias, coef_scale=1.0, device=DEVICE):
@@ -37,8 +41,7 @@ def make_inputs(num_tokens, vocab, dim, dtype, with_bias, coef_scale=1.0, device
     targets = torch.randint(0, vocab, (num_tokens,), device=device)
     targets[0] = vocab - 1  # the last column lives in the partial last tile
     targets[1:2] = 0
-    # Mixed signs (chosen vs rejected tokens) and zeros, including a whole token block of zeros when N
-    # allows, whose tiles the backward skips.
+    # Mixed signs (chosen vs rejected tokens) and zeros, including a whole token block of zeros when N allows.
     coef = torch.randn(num_tokens, device=device) * coef_scale
     coef[2::3] = 0
     coef[BLOCK_N : 2 * BLOCK_N] = 0
@@ -57,7 +60,12 @@ def exact(hidden, weight, bias, targets, coef):
     dlogits = coef.double()[:, None] * (onehot - torch.softmax(logits, dim=1))
     grads = (dlogits @ w, dlogits.T @ h, dlogits.sum(0))
     magnitudes = (dlogits.abs() @ w.abs(), dlogits.abs().T @ h.abs(), dlogits.abs().sum(0))
-    return logp, lse, grads, magnitudes
+    stats = {
+        "mean_logit": logits.mean(1),
+        "entropy": lse - (torch.softmax(logits, dim=1) * logits).sum(1),
+        "argmax_hit": (logits.argmax(1) == targets).double(),
+    }
+    return logp, lse, grads, magnitudes, stats
 
 
 def assert_within_bound(name, actual, expected, magnitude, dtype, extra_rel=0.0):
@@ -67,19 +75,20 @@ def assert_within_bound(name, actual, expected, magnitude, dtype, extra_rel=0.0)
     assert bool((error <= bound).all()), f"{name}: error reaches {ratio:.3g} x the bound"
 
 
-def check_against_exact(
-    num_tokens, vocab, dim, dtype, with_bias, vocab_splits=None, dw_chunk_rows=None, coef_scale=1.0
-):
+def check_against_exact(num_tokens, vocab, dim, dtype, with_bias, num_splits=None, chunk_columns=None, coef_scale=1.0):
     hidden, weight, bias, targets, coef = make_inputs(num_tokens, vocab, dim, dtype, with_bias, coef_scale)
-    logp_ref, lse_ref, grads_ref, magnitudes = exact(hidden, weight, bias, targets, coef)
+    logp_ref, lse_ref, grads_ref, magnitudes, stats_ref = exact(hidden, weight, bias, targets, coef)
 
-    logp, lse = logprob.token_logprobs(hidden, weight, bias, targets, vocab_splits=vocab_splits)
-    assert logp.dtype == lse.dtype == torch.float32 and logp.shape == lse.shape == (num_tokens,)
-    torch.testing.assert_close(lse.double(), lse_ref, rtol=FP32_REL, atol=FP32_REL)
-    torch.testing.assert_close(logp.double(), logp_ref, rtol=FP32_REL, atol=FP32_REL)
+    pass1 = lse_forward.token_logprobs(hidden, weight, bias, targets, num_splits=num_splits)
+    for name, value in pass1._asdict().items():
+        assert value.dtype == torch.float32 and value.shape == (num_tokens,), name
+    torch.testing.assert_close(pass1.lse.double(), lse_ref, rtol=FP32_REL, atol=FP32_REL)
+    torch.testing.assert_close(pass1.logp.double(), logp_ref, rtol=FP32_REL, atol=FP32_REL)
+    for name, expected in stats_ref.items():
+        torch.testing.assert_close(getattr(pass1, name).double(), expected, rtol=FP32_REL, atol=FP32_REL, msg=name)
+    lse = pass1.lse
 
-    chunk_bytes = logprob.DW_CHUNK_BYTES if dw_chunk_rows is None else dw_chunk_rows * 4 * dim
-    grads = logprob.token_grads(hidden, weight, bias, targets, lse, coef, dw_chunk_bytes=chunk_bytes)
+    grads = dlogits_backward.token_grads(hidden, weight, bias, targets, lse, coef, chunk_columns=chunk_columns)
     if bias is None:
         assert grads[2] is None
         grads, grads_ref, magnitudes = grads[:2], grads_ref[:2], magnitudes[:2]
@@ -88,58 +97,110 @@ def check_against_exact(
     ):
         assert grad.dtype == like.dtype and grad.shape == like.shape, name
         assert_within_bound(name, grad, grad_ref, magnitude, dtype)
-    # Tokens with coef 0 (among them the whole block whose tiles are skipped) get exact zeros.
+    # Tokens with coef 0 get exact zeros.
     assert bool((grads[0][coef == 0] == 0).all())
 
 
+# Chunk widths: a whole number of BLOCK_V tiles (256) and one that is not (300), several chunks each.
 @pytest.mark.parametrize(
-    "num_tokens, vocab, dim, dtype, with_bias, vocab_splits, dw_chunk_rows",
+    "num_tokens, vocab, dim, dtype, with_bias, num_splits, chunk_columns",
     [
         (37, 1000, 72, torch.float32, True, None, None),
         (37, 997, 100, torch.float32, False, 4, 256),
-        (1, 1000, 100, torch.float32, False, 4, None),
+        (1, 1000, 100, torch.float32, False, 3, 300),
         (1, 997, 72, torch.bfloat16, True, 1, None),
         (37, 1000, 100, torch.bfloat16, True, 4, 256),
-        (37, 997, 72, torch.bfloat16, False, None, 512),
+        (37, 997, 72, torch.bfloat16, False, None, 300),
     ],
 )
-def test_matches_float64(num_tokens, vocab, dim, dtype, with_bias, vocab_splits, dw_chunk_rows):
-    check_against_exact(num_tokens, vocab, dim, dtype, with_bias, vocab_splits, dw_chunk_rows)
+def test_matches_float64(num_tokens, vocab, dim, dtype, with_bias, num_splits, chunk_columns):
+    check_against_exact(num_tokens, vocab, dim, dtype, with_bias, num_splits, chunk_columns)
 
 
 def test_fp16_small_coefficients_do_not_underflow():
     # Realistic coefficients (beta / B / |y| ~ 1e-3) times probabilities down to ~1e-7 give dlogits below
-    # fp16's smallest subnormal (6e-8); the kernel scales them by the block's max |coef| before the dot.
-    check_against_exact(37, 997, 72, torch.float16, True, dw_chunk_rows=256, coef_scale=1e-3)
+    # fp16's smallest subnormal (6e-8); the backward divides them by the largest |coef| before storing.
+    check_against_exact(37, 997, 72, torch.float16, True, chunk_columns=256, coef_scale=1e-3)
+
+
+def test_backward_is_deterministic():
+    """Two identical calls give bit-identical gradients: no atomics, a fixed order of every sum."""
+    hidden, weight, bias, targets, coef = make_inputs(37, 1000, 72, torch.bfloat16, True)
+    lse = lse_forward.token_logprobs(hidden, weight, bias, targets).lse
+    first = dlogits_backward.token_grads(hidden, weight, bias, targets, lse, coef, chunk_columns=256)
+    second = dlogits_backward.token_grads(hidden, weight, bias, targets, lse, coef, chunk_columns=256)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("where", ["coef", "lse", "hidden", "weight"])
+def test_non_finite_values_reach_the_gradients(where):
+    """A NaN coefficient, log-sum-exp, hidden or weight entry must not be hidden by skipped work."""
+    hidden, weight, bias, targets, coef = make_inputs(37, 1000, 72, torch.float32, False)
+    lse = lse_forward.token_logprobs(hidden, weight, bias, targets).lse
+    {"coef": coef, "lse": lse, "hidden": hidden, "weight": weight}[where][3] = float("nan")
+    if where in ("hidden", "weight"):
+        lse = lse_forward.token_logprobs(hidden, weight, bias, targets).lse
+        assert not bool(lse.isfinite().all())
+    d_hidden, d_weight, _ = dlogits_backward.token_grads(hidden, weight, bias, targets, lse, coef)
+    assert not bool(d_hidden.isfinite().all()) and not bool(d_weight.isfinite().all())
 
 
 def test_matches_chunked_twin():
-    """Same signatures and results as the PyTorch twin the lead's autograd glue can swap in."""
+    """Same signatures and results as the PyTorch twin, both with several vocabulary chunks."""
     hidden, weight, bias, targets, coef = make_inputs(37, 997, 72, torch.float32, True)
-    logp, lse = logprob.token_logprobs(hidden, weight, bias, targets)
-    twin_logp, twin_lse = chunked.token_logprobs(hidden, weight, bias, targets)
-    torch.testing.assert_close(logp, twin_logp, rtol=FP32_REL, atol=FP32_REL)
-    torch.testing.assert_close(lse, twin_lse, rtol=FP32_REL, atol=FP32_REL)
+    pass1 = lse_forward.token_logprobs(hidden, weight, bias, targets)
+    twin = chunked.token_logprobs(hidden, weight, bias, targets, chunk_bytes=10 * 997 * 4)
+    for value, twin_value in zip(pass1, twin):
+        torch.testing.assert_close(value, twin_value, rtol=FP32_REL, atol=FP32_REL)
     for grad, twin_grad in zip(
-        logprob.token_grads(hidden, weight, bias, targets, lse, coef),
-        chunked.token_grads(hidden, weight, bias, targets, twin_lse, coef),
+        dlogits_backward.token_grads(hidden, weight, bias, targets, pass1.lse, coef, chunk_columns=256),
+        chunked.token_grads(hidden, weight, bias, targets, twin.lse, coef, chunk_columns=300),
     ):
         torch.testing.assert_close(grad, twin_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "token_blocks, tiles, processors, expected",
+    [
+        (32, 501, 132, 12),  # N=4096 at BLOCK_N=128 on an H100: 384 programs fill 97% of 3 waves (not 9: 73%)
+        (1, 501, 132, 264),  # one token block: two full waves of splits
+        (256, 501, 132, 2),  # many token blocks: 512 programs fill 97% of 4 waves
+        (7, 501, 108, 44),  # A100 (108 SMs): 308 programs fill 95% of 3 waves
+        (1, 4, 132, 4),  # never more splits than vocabulary tiles
+    ],
+)
+def test_vocab_splits_fill_whole_waves(token_blocks, tiles, processors, expected):
+    splits = lse_forward.vocab_splits(token_blocks, tiles, processors)
+    assert splits == expected
+    assert 1 <= splits <= tiles
+
+
+def test_configs_are_pruned_by_shared_memory():
+    configs = autotune.launch_configs(autotune.FORWARD_CONFIGS, torch.bfloat16)
+    block_n = configs[0].kwargs["BLOCK_N"]
+    generous = autotune.prune_configs(autotune.FORWARD_CONFIGS, torch.bfloat16, block_n, 10**9)
+    assert generous == autotune.FORWARD_CONFIGS
+    sizes = sorted(autotune.estimated_shared_bytes(c, block_n, 2) for c in autotune.FORWARD_CONFIGS)
+    tight = autotune.prune_configs(autotune.FORWARD_CONFIGS, torch.bfloat16, block_n, sizes[0])
+    assert tight and all(autotune.estimated_shared_bytes(c, block_n, 2) <= sizes[0] for c in tight)
+    assert autotune.prune_configs(autotune.FORWARD_CONFIGS, torch.bfloat16, block_n, sizes[0] - 1) == []
 
 
 def _bad_calls():
     hidden, weight, bias, targets, coef = make_inputs(4, 300, 32, torch.float32, True)
     lse = torch.zeros(4, device=DEVICE)
+    forward, backward = lse_forward.token_logprobs, dlogits_backward.token_grads
     return [
-        ("weight", lambda: logprob.token_logprobs(hidden, weight[:, :16], bias, targets)),
-        ("weight", lambda: logprob.token_logprobs(hidden, weight.bfloat16(), bias, targets)),
-        ("hidden", lambda: logprob.token_logprobs(hidden.double(), weight.double(), None, targets)),
-        ("bias", lambda: logprob.token_logprobs(hidden, weight, bias[:-1], targets)),
-        ("targets", lambda: logprob.token_logprobs(hidden, weight, bias, targets[:3])),
-        ("targets", lambda: logprob.token_logprobs(hidden, weight, bias, targets.float())),
-        ("vocab_splits", lambda: logprob.token_logprobs(hidden, weight, bias, targets, vocab_splits=0)),
-        ("lse", lambda: logprob.token_grads(hidden, weight, bias, targets, lse[:2], coef)),
-        ("coef", lambda: logprob.token_grads(hidden, weight, bias, targets, lse, coef.long())),
+        ("weight", lambda: forward(hidden, weight[:, :16], bias, targets)),
+        ("weight", lambda: forward(hidden, weight.bfloat16(), bias, targets)),
+        ("hidden", lambda: forward(hidden.double(), weight.double(), None, targets)),
+        ("bias", lambda: forward(hidden, weight, bias[:-1], targets)),
+        ("targets", lambda: forward(hidden, weight, bias, targets[:3])),
+        ("targets", lambda: forward(hidden, weight, bias, targets.float())),
+        ("num_splits", lambda: forward(hidden, weight, bias, targets, num_splits=0)),
+        ("lse", lambda: backward(hidden, weight, bias, targets, lse[:2], coef)),
+        ("coef", lambda: backward(hidden, weight, bias, targets, lse, coef.long())),
     ]
 
 
@@ -151,10 +212,10 @@ def test_bad_inputs_name_the_tensor(case):
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(logprob, "INTERPRET", False)
+    monkeypatch.setattr(inputs, "INTERPRET", False)
     hidden, weight, bias, targets, _ = make_inputs(4, 300, 32, torch.float32, True, device="cpu")
     with pytest.raises(ValueError, match="hidden is on cpu.*TRITON_INTERPRET"):
-        logprob.token_logprobs(hidden, weight, bias, targets)
+        lse_forward.token_logprobs(hidden, weight, bias, targets)
 
 
 def _chunked_fp32_reference(hidden, weight, targets, coef, chunk=256):
@@ -183,12 +244,12 @@ def test_llama3_head_on_gpu():
     hidden, weight, _, targets, coef = make_inputs(num_tokens, vocab, dim, torch.bfloat16, False, coef_scale=1e-3)
 
     def both_passes():
-        logp, lse = logprob.token_logprobs(hidden, weight, None, targets)
-        d_hidden, d_weight, _ = logprob.token_grads(hidden, weight, None, targets, lse, coef)
-        return logp, lse, d_hidden, d_weight
+        pass1 = lse_forward.token_logprobs(hidden, weight, None, targets)
+        d_hidden, d_weight, _ = dlogits_backward.token_grads(hidden, weight, None, targets, pass1.lse, coef)
+        return pass1.logp, pass1.lse, d_hidden, d_weight
 
-    # The first call autotunes, which holds copies of the outputs and an L2-flush buffer: not the steady state.
-    both_passes()
+    # The first call autotunes, which holds an L2-flush buffer: not the steady state.
+    first = both_passes()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
@@ -198,6 +259,8 @@ def test_llama3_head_on_gpu():
     scratch = torch.cuda.max_memory_allocated() - baseline - outputs
     full_logits = num_tokens * vocab * 4
     assert scratch < full_logits / 4, f"scratch {scratch / 2**20:.0f} MiB vs [N, V] fp32 {full_logits / 2**20:.0f} MiB"
+    for a, b in zip(first, results):  # deterministic: bit-identical to the first call
+        assert torch.equal(a, b)
 
     ref_logp, ref_lse, (ref_dh, dh_mag), (ref_dw, dw_mag) = _chunked_fp32_reference(hidden, weight, targets, coef)
     # fp32 accumulation over D=4096 in two different orders: ~1e-5 of logits of size ~10.

@@ -1,0 +1,139 @@
+"""Launch parameters of the log-prob kernels: autotune configs, pruning by shared memory, tuning keys.
+
+Both kernels form [BLOCK_N, BLOCK_V] logit tiles as a loop of [BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_V]
+dots, so their configs share one shape and one shared-memory estimate:
+  - BLOCK_N (token rows per tile) is chosen by the launcher from the number of response tokens and the
+    dtype, not by the autotuner, so the launcher knows the number of token blocks before launch and can
+    size the forward's vocabulary splits to fill whole waves of the GPU;
+  - BLOCK_V, BLOCK_D, GROUP_N, warps and stages are autotuned, keyed on the head's shape (V, D), the
+    dtype and a power-of-two bucket of the token count (small and large batches want different tiles,
+    while the exact count changes every step and must not trigger a new tuning run);
+  - configs whose pipelined operand buffers exceed the device's shared memory per block are pruned
+    before autotuning, so a config that cannot launch is never tried.
+Nothing here resets or restores kernel arguments between benchmark runs: both kernels only write
+outputs (no accumulation), so running a config twice is harmless and no hook touches an absent (None)
+argument such as the bias of a bias-free head.
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+
+from .tiles import INTERPRET
+
+# Shared memory per block (opt-in maximum) of the GPUs the kernels are checked for ahead of time.
+SHARED_LIMIT = {"sm_80": 166_912, "sm_90": 232_448}
+
+
+def _configs(shapes):
+    return [
+        triton.Config({"BLOCK_V": block_v, "BLOCK_D": block_d, "GROUP_N": group_n}, num_warps=warps, num_stages=stages)
+        for block_v, block_d, group_n, warps, stages in shapes
+    ]
+
+
+if INTERPRET:
+    # One small config (the autotuner then skips benchmarking): several tiles along every axis at test
+    # sizes, so the masks, the vocabulary splits and the grouped order are exercised, and few tile-dots.
+    FORWARD_CONFIGS = BACKWARD_CONFIGS = _configs([(128, 32, 2, 1, 1)])
+    TOKEN_BLOCKS = {torch.float32: (16, 16), torch.bfloat16: (16, 16), torch.float16: (16, 16)}
+else:
+    # (BLOCK_V, BLOCK_D, GROUP_N, warps, stages): tensor-core matmul shapes; 16-bit configs use 128- or
+    # 256-wide vocabulary tiles with 64-deep D chunks; fp32 ("ieee" dots) needs smaller tiles to fit.
+    FORWARD_CONFIGS = _configs(
+        [
+            (128, 64, 8, 8, 3),
+            (256, 64, 8, 8, 3),
+            (128, 64, 8, 4, 4),
+            (128, 128, 8, 8, 3),
+            (64, 32, 8, 4, 3),
+        ]
+    )
+    BACKWARD_CONFIGS = _configs(
+        [
+            (128, 64, 8, 8, 3),
+            (256, 64, 8, 8, 3),
+            (128, 64, 8, 4, 4),
+            (64, 32, 8, 4, 3),
+        ]
+    )
+    # BLOCK_N candidates per dtype: (small batches, large batches); see token_block_size.
+    TOKEN_BLOCKS = {torch.float32: (32, 64), torch.bfloat16: (64, 128), torch.float16: (64, 128)}
+
+SMALL_BATCH_TOKENS = 2048  # up to here the smaller BLOCK_N: less padding waste, more programs
+
+
+def token_block_size(num_tokens: int, dtype: torch.dtype) -> int:
+    """BLOCK_N for a launch over num_tokens response tokens."""
+    small, large = TOKEN_BLOCKS[dtype]
+    return small if num_tokens <= SMALL_BATCH_TOKENS else large
+
+
+def token_bucket(num_tokens: int) -> int:
+    """The autotuning key for the token count: the next power of two, so tuning runs once per bucket."""
+    return triton.next_power_of_2(max(1, num_tokens))
+
+
+def needs_int64_offsets(*sizes: int) -> bool:
+    """True if any element offset into hidden, weight or the scratch (given as element counts) can pass 2^31."""
+    return max(sizes) >= 2**31
+
+
+def estimated_shared_bytes(config: triton.Config, block_n: int, element_size: int) -> int:
+    """Upper estimate of a config's shared memory: the software pipeline keeps num_stages copies of one
+    [BLOCK_N, BLOCK_D] hidden tile and one [BLOCK_V, BLOCK_D] weight tile in flight. The epilogues reuse
+    that space. Checked against the compiler's figure by the ahead-of-time compile test."""
+    kwargs = config.kwargs
+    return config.num_stages * (block_n + kwargs["BLOCK_V"]) * kwargs["BLOCK_D"] * element_size
+
+
+def prune_configs(configs, dtype: torch.dtype, block_n: int, shared_limit: int):
+    """The configs whose shared memory fits a device with shared_limit bytes per block."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return [c for c in configs if estimated_shared_bytes(c, block_n, element_size) <= shared_limit]
+
+
+def device_shared_limit(device: torch.device) -> int:
+    properties = torch.cuda.get_device_properties(device)
+    limit = getattr(properties, "shared_memory_per_block_optin", None)
+    if limit is None:  # older torch: ask Triton's driver
+        limit = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    return int(limit)
+
+
+def prune_for_device(configs, named_args, **kwargs):
+    """`early_config_prune` hook of both kernels: drop configs that do not fit the launching device."""
+    hidden = named_args["hidden_ptr"]
+    if not hidden.is_cuda:  # the interpreter: nothing to fit
+        return configs
+    fitting = prune_configs(configs, hidden.dtype, kwargs["BLOCK_N"], device_shared_limit(hidden.device))
+    if not fitting:
+        raise RuntimeError(f"no kernel config fits this GPU's shared memory for {hidden.dtype} inputs")
+    return fitting
+
+
+class AotTarget(NamedTuple):
+    """One kernel as the ahead-of-time compile check sees it (see bench/kernel_report.py)."""
+
+    kernel: str
+    fn: object  # the @triton.jit function
+    signature: dict  # argument name -> Triton type string ("*bf16", "i32", "fp32", "constexpr")
+    constexprs: dict  # non-config constexprs, as a GPU launch sets them
+    divisible: tuple  # arguments the JIT specialises as divisible by 16 at real launches
+    configs: list  # every config the launcher and autotuner can pick, BLOCK_N included
+
+
+def launch_configs(configs, dtype: torch.dtype):
+    """The autotune configs crossed with every BLOCK_N the launcher can choose for dtype."""
+    return [
+        triton.Config({"BLOCK_N": block_n, **c.kwargs}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for block_n in sorted(set(TOKEN_BLOCKS[dtype]))
+        for c in configs
+    ]
+
+
+def aot_targets(dtype: torch.dtype, dim: int) -> list:
+    """Both kernels, typed as a real launch at hidden size dim would type them (no bias, int32 offsets)."""
+    from . import dlogits_backward, lse_forward
+
+    return [module.aot_target(dtype, dim) for module in (lse_forward, dlogits_backward)]
