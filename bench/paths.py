@@ -61,8 +61,8 @@ def _build_compiled_reference(device):
 def _triton_available(device):
     if device.type != "cuda":
         return "Triton kernels are timed on CUDA only (the CPU interpreter is a test tool)"
-    if importlib.util.find_spec("amapo_fast.kernels.logprob") is None:
-        return "amapo_fast.kernels.logprob is not in this checkout"
+    if importlib.util.find_spec("amapo_fast.kernels.lse_forward") is None:
+        return "amapo_fast.kernels.lse_forward is not in this checkout"
     return None
 
 
