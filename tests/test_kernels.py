@@ -269,3 +269,10 @@ def test_llama3_head_on_gpu():
     # extra_rel: the reference itself is fp32 (sums over V=128256 and N=2048 terms, ~1e-5 of the magnitude).
     assert_within_bound("d_hidden", d_hidden, ref_dh.double(), dh_mag.double(), torch.bfloat16, extra_rel=1e-4)
     assert_within_bound("d_weight", d_weight, ref_dw.double(), dw_mag.double(), torch.bfloat16, extra_rel=1e-4)
+
+
+def test_int64_offsets_path(monkeypatch):
+    """Heads whose offsets pass 2^31 elements take 64-bit address arithmetic: same results."""
+    for module in (lse_forward, dlogits_backward):
+        monkeypatch.setattr(module, "needs_int64_offsets", lambda *sizes: True)
+    check_against_exact(37, 997, 33, torch.float32, True, num_splits=3, chunk_columns=300)
