@@ -38,14 +38,16 @@ if INTERPRET:
     FORWARD_CONFIGS = BACKWARD_CONFIGS = _configs([(128, 32, 2, 1, 1)])
     TOKEN_BLOCKS = {torch.float32: (16, 16), torch.bfloat16: (16, 16), torch.float16: (16, 16)}
 else:
-    # (BLOCK_V, BLOCK_D, GROUP_N, warps, stages): tensor-core matmul shapes. 256-wide vocabulary tiles,
-    # 4-warp 128x128 tiles and (forward only) 4 stages are left out: with the online-softmax epilogue
-    # they spill registers at BLOCK_N=128 on sm_80 or sm_90 (found by compiling ahead of time).
+    # (BLOCK_V, BLOCK_D, GROUP_N, warps, stages): tensor-core matmul shapes. Left out because they spill
+    # registers at BLOCK_N=128 on sm_80 or sm_90 with Triton 3.6 or 3.9 (found by compiling ahead of
+    # time): 256-wide vocabulary tiles, and in the forward, whose online-softmax epilogue holds more
+    # state, 4-warp programs and 4 stages of 64-deep D chunks.
     FORWARD_CONFIGS = _configs(
         [
             (128, 64, 8, 8, 3),
             (128, 128, 8, 8, 3),
-            (64, 32, 8, 4, 3),
+            (128, 32, 8, 8, 4),
+            (64, 64, 8, 8, 3),
         ]
     )
     BACKWARD_CONFIGS = _configs(
