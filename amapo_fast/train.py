@@ -110,7 +110,12 @@ class MicroBatches:
         epoch, offset = divmod(start, self.micro_per_epoch)
         while True:
             indices = self._epoch_indices(epoch)[offset * self.batch_size : self.micro_per_epoch * self.batch_size]
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, collate_fn=self.collator)
+            # A generator of its own: starting a DataLoader draws a seed from it, and a draw from the global RNG
+            # here would shift the dropout stream of a resumed run against the uninterrupted one.
+            loader = DataLoader(
+                self.dataset, batch_size=self.batch_size, sampler=indices, collate_fn=self.collator,
+                generator=torch.Generator(),
+            )
             yield from loader
             epoch, offset = epoch + 1, 0
 
