@@ -90,6 +90,15 @@ def test_prompt_truncated_from_the_left_then_the_pair(tokenizer):
     assert encoded["chosen_input_ids"] == _ids(tokenizer, word)[:18]  # the response cut from the right
 
 
+def test_plain_text_prompt_truncated_from_the_left(tokenizer):
+    """Plain text takes no chat template, so it reaches the cut without a BOS: the prompt's end is kept."""
+    prompt = "".join(random.choices("abcdefghij", k=40))
+    row = {"prompt": prompt, "chosen": "yes", "rejected": "no"}
+    (encoded,) = tokenize_preference_dataset(Dataset.from_list([row]), tokenizer, 30, 12).to_list()
+    assert encoded["prompt_input_ids"] == _ids(tokenizer, prompt)[-12:]
+    assert encoded["chosen_input_ids"] == _ids(tokenizer, "yes</s>")
+
+
 def test_unusable_rows_are_dropped_with_counts_and_the_first_row_shown(tokenizer, caplog):
     rows = make_toy_preference_dataset(12, seed=random.randrange(10**6)).remove_columns("task").to_list()
     rows[2]["chosen"][-1]["content"] = "  "  # empty response

@@ -17,7 +17,9 @@ from amapo_fast.evaluate import (
     eval_dataloader,
     evaluate_dataset,
     evaluate_ranking,
+    PairScores,
     main,
+    ranking_summary,
     score_pairs,
     wilson_interval,
 )
@@ -46,6 +48,27 @@ def test_wilson_interval_matches_textbook_values():
     low, high = wilson_interval(500, 1000)
     assert (low + high) / 2 == pytest.approx(0.5)
     assert high - low == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 1000), rel=1e-2)  # large n: the normal interval
+
+
+def test_ranking_summary_compares_mean_log_probs_and_counts_ties_as_wrong():
+    # Per pair: chosen / rejected summed log-probs over their token counts -> mean log-probs.
+    scores = PairScores(
+        chosen_logps=torch.tensor([-4.0, -3.0, -6.0, -2.0, -9.0], dtype=torch.float64),
+        rejected_logps=torch.tensor([-2.0, -3.0, -5.0, -4.0, -1.0], dtype=torch.float64),
+        chosen_tokens=torch.tensor([4, 1, 2, 1, 3]),
+        rejected_tokens=torch.tensor([1, 1, 1, 4, 1]),
+    )
+    # means: -1 vs -2 (right, though the chosen sum is lower), -3 vs -3 (tie), -3 vs -5 (right),
+    # -2 vs -1 (wrong, though the chosen sum is higher), -3 vs -1 (wrong)
+    summary = ranking_summary(scores, beta=2.0)
+    assert (summary["num_correct"], summary["num_pairs"]) == (2, 5)
+    assert summary["ranking_accuracy"] == pytest.approx(2 / 5)
+    assert summary["reward_margin_mean"] == pytest.approx(2.0 * (1 + 0 + 2 - 1 - 2) / 5)
+    assert (summary["ranking_accuracy_ci95_low"], summary["ranking_accuracy_ci95_high"]) == pytest.approx(
+        wilson_interval(2, 5)
+    )
+    ties = PairScores(*(torch.tensor([value]) for value in (-3.0, -1.5, 2, 1)))  # -1.5 vs -1.5
+    assert ranking_summary(ties)["ranking_accuracy"] == 0.0
 
 
 def test_rmbench_split_matches_hand_worked_matrices():
