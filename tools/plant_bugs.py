@@ -8,7 +8,7 @@ under a time limit, and the edit is undone. The working tree is never modified.
     python tools/plant_bugs.py                     # every bug; non-zero exit if any is missed
     python tools/plant_bugs.py --only ties-count-as-correct dpo-reference-added
     python tools/plant_bugs.py --list              # the bugs and their test selections
-    python tools/plant_bugs.py --tests tests/test_loss.py   # one selection for every bug
+    python tools/plant_bugs.py --tests "tests/test_loss.py -k 'not gradcheck'"   # one selection for every bug
 
 Each snippet must occur exactly once in its file: when the code has drifted, the tool says which
 snippets no longer match and stops before running anything. Before the bugs, every selection runs on the
@@ -18,6 +18,7 @@ The tests run one after another: the tool is CPU-heavy (several minutes), so run
 import argparse
 import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -128,11 +129,12 @@ BUGS = [
 ]
 
 
-def drift(bugs) -> list[str]:
-    """One line per bug whose snippet does not occur exactly once in the working tree's file."""
+def drift(bugs, root: Path | None = None) -> list[str]:
+    """One line per bug whose snippet does not occur exactly once in its file under root (default: this
+    repository), or whose edit would not compile."""
     problems = []
     for bug in bugs:
-        path = REPO / bug.path
+        path = (root or REPO) / bug.path
         if not path.is_file():
             problems.append(f"{bug.name}: {bug.path} does not exist")
             continue
@@ -208,7 +210,7 @@ def run_tests(copy: Path, env: dict, selection, timeout: float) -> tuple[str, st
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help="plant only these bugs (see --list)")
-    parser.add_argument("--tests", nargs="+", metavar="ARG", help="pytest arguments used for every bug instead of each bug's selection")
+    parser.add_argument("--tests", metavar="ARGS", help="pytest arguments (one string) for every bug instead of each bug's selection")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per test run (default 600)")
     parser.add_argument("--skip-baseline", action="store_true", help="do not first check that the selections pass unmodified")
     parser.add_argument("--list", action="store_true", help="print the bugs and their test selections, run nothing")
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
             sys.exit(f"unknown bug name(s) {unknown}; --list shows them")
         bugs = [bug for bug in BUGS if bug.name in args.only]
     if args.tests:
-        bugs = [dataclasses.replace(bug, tests=tuple(args.tests)) for bug in bugs]
+        bugs = [dataclasses.replace(bug, tests=tuple(shlex.split(args.tests))) for bug in bugs]
     if args.list:
         for bug in bugs:
             print(f"{bug.name:30} {bug.path:26} {bug.description}\n{'':30} tests: {' '.join(bug.tests)}")
