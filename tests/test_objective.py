@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from amapo_fast import METRIC_KEYS, preference_objective
+from amapo_fast.objective import SEQUENCE_METRIC_KEYS, TOKEN_METRIC_KEYS, token_metrics
 
 AMAPO_TYPES = ["amapo", "amapo_no_znorm", "amapo_no_exp", "amapo_no_adaptive", "amapo_no_zero"]
 
@@ -121,7 +122,7 @@ def assert_objective_matches(sums, lengths, ref=None, **kwargs):
     context = f"{kwargs}, sums={sums}, lengths={lengths}, ref={ref}"
     assert loss.item() == pytest.approx(hand_loss, rel=1e-12, abs=1e-12), context
     torch.testing.assert_close(grad, torch.tensor(hand_grad, dtype=torch.float64), rtol=1e-10, atol=1e-14, msg=context)
-    assert list(metrics) == list(METRIC_KEYS) and sorted(metrics) == sorted(hand_metrics)
+    assert list(metrics) == list(SEQUENCE_METRIC_KEYS) and sorted(metrics) == sorted(hand_metrics)
     for key, value in metrics.items():
         assert value.dtype == torch.float32 and value.dim() == 0, key
         # Metrics are returned in fp32: compare at fp32 precision.
@@ -206,3 +207,22 @@ def test_huge_finite_deltas_stay_finite(loss_type):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert all(torch.isfinite(value) for value in metrics.values())
 
+
+def test_token_metrics_average_over_response_tokens():
+    """Per-row sums over response tokens -> means over every chosen (rejected, all) response token."""
+    rng = random.Random()
+    pairs = 3
+    counts = [rng.randint(1, 9) for _ in range(2 * pairs)]
+    logit_sums, entropy_sums = ([rng.uniform(-5, 5) * n for n in counts] for _ in range(2))
+    hit_sums = [rng.randint(0, n) for n in counts]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    metrics = token_metrics(as_tensor(logit_sums), as_tensor(entropy_sums), as_tensor(hit_sums), torch.tensor(counts))
+    expected = {
+        "logits/chosen": sum(logit_sums[:pairs]) / sum(counts[:pairs]),
+        "logits/rejected": sum(logit_sums[pairs:]) / sum(counts[pairs:]),
+        "entropy": sum(entropy_sums) / sum(counts),
+        "mean_token_accuracy": sum(hit_sums) / sum(counts),
+    }
+    assert list(metrics) == list(TOKEN_METRIC_KEYS) and list(METRIC_KEYS) == list(SEQUENCE_METRIC_KEYS + TOKEN_METRIC_KEYS)
+    for key, value in metrics.items():
+        assert value.dtype == torch.float32 and value.item() == pytest.approx(expected[key], rel=1e-6), key
