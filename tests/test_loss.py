@@ -65,9 +65,12 @@ def reference_on(hidden, weight, labels, bias=None, **kwargs):
 
 
 def assert_matches(actual, expected, *, grad_rtol, value_rtol=1e-5, grad_dtype=torch.float32):
-    """`actual` against the float64 `expected`; every gradient of `actual` must come in grad_dtype (the inputs')."""
+    """`actual` against the float64 `expected`. grad_dtype is the inputs' dtype: the gradients must come in it,
+    the loss in fp32 (float64 for float64 inputs), the metrics in fp32."""
     loss, metrics, grads = actual
     ref_loss, ref_metrics, ref_grads = expected
+    assert loss.dtype == torch.promote_types(grad_dtype, torch.float32), f"loss is {loss.dtype}"
+    assert all(value.dtype == torch.float32 for value in metrics.values()), {k: v.dtype for k, v in metrics.items()}
     torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=value_rtol, atol=value_rtol)
     for key in METRIC_KEYS:
         torch.testing.assert_close(

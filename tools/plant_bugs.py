@@ -101,7 +101,7 @@ BUGS = [
     Bug("chunk-local-targets-backward", "amapo_fast/chunked.py",
         "rows = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)",
         "rows = (targets < stop).nonzero().squeeze(1)",
-        "chunked backward: targets of earlier vocabulary chunks land (wrapped) in later chunks", FUSED),
+        "chunked backward: the target range check of a vocabulary chunk ignores its start", FUSED),
     Bug("chunk-local-targets-forward", "amapo_fast/chunked.py", "logits.gather(1, targets[start:stop, None])",
         "logits.gather(1, targets[: stop - start, None])",
         "chunked forward uses the first chunk's targets in every token chunk", FUSED),
