@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+pytest.importorskip("datasets")  # the toy data and the evaluation formats are datasets
+
 from amapo_fast import rmbench
 from amapo_fast.data import PreferenceCollator, tokenize_preference_dataset
 from amapo_fast.evaluate import (

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+pytest.importorskip("datasets")  # the toy data
+
 from amapo_fast.data import PreferenceCollator, tokenize_preference_dataset
 from amapo_fast.model import load_policy
 from amapo_fast.toy import build_toy_tokenizer, make_toy_preference_dataset, tiny_llama_config
@@ -89,6 +91,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module", params=["fsdp2", "deepspeed"])
 def lean_load(request, saved_model, tmp_path_factory):
     """(backend, per-rank results) of loading `saved_model` with the engine on 2 ranks."""
+    if request.param == "deepspeed":
+        pytest.importorskip("deepspeed")
     out_dir = tmp_path_factory.mktemp(request.param)
     mp.spawn(_worker, args=(request.param, _free_port(), str(saved_model), str(out_dir)), nprocs=WORLD_SIZE)
     return request.param, [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("datasets")  # the trainer's toy data
+
 from amapo_fast.checkpoint import TRAINER_STATE, resolve_resume
 from amapo_fast.config import build_parser, parse_config
 from amapo_fast.data import IGNORE_INDEX, PreferenceCollator, tokenize_preference_dataset
@@ -88,6 +90,7 @@ def _final_eval(output_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def short_runs(tmp_path_factory):
     """Output folders of 2-rank runs, by (backend, loss impl), all with the same data and seed."""
+    pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("runs")
     folders = {}
     for backend in ("fsdp2", "deepspeed"):
@@ -234,6 +237,7 @@ def test_shipped_configs_parse(path):
 
 def test_deepspeed_dpo_runs_the_frozen_reference(tmp_path):
     """ZeRO-3 wraps the reference model in an engine of its own (no optimizer) and calls it under no-grad."""
+    pytest.importorskip("deepspeed")
     args = ["--backend", "deepspeed", "--loss_type", "dpo", "--beta", "0.1", "--toy_num_train", "64",
             "--toy_num_eval", "16", "--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "1",
             "--save_final", "false", "--output_dir", str(tmp_path / "out")]

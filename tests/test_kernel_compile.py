@@ -1,0 +1,142 @@
+"""The Triton kernels as a GPU would get them, checked on a machine without one.
+
+1. Every config the autotuner can pick on an A100 (sm_80) or H100 (sm_90), in bf16 at the Llama-3-8B head
+   (D=4096), compiles ahead of time (`bench/kernel_report.py`) to a kernel that fits the chip's shared
+   memory, spills no registers and has no fenced atomics.
+2. The autotuners' hooks never touch an absent argument. A bias-free head (Llama, Mistral) passes None for
+   the bias pointers; Triton 3.6's default hooks call `.clone()` / `.zero_()` on every `restore_value` /
+   `reset_to_zero` argument, so naming an optional one there crashes the first GPU launch. Triton's
+   interpreter runs one config and never calls these hooks, so they are called here directly.
+"""
+import importlib
+import importlib.util
+import json
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from triton.runtime.autotuner import Autotuner
+
+import amapo_fast.kernels
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------------
+# STAND-IN, until kernels/autotune.py and the atomics-free backward land: today's kernels fail both
+# checks (their backward accumulates with acq_rel atomics, some configs spill, and its autotuner restores
+# the absent d_bias_ptr). Strict xfail, so these tests report when the new kernels make them pass. Delete
+# this block and the two `@STAND_IN_XFAIL...` uses when merging the new kernels.
+STAND_IN = importlib.util.find_spec("amapo_fast.kernels.autotune") is None
+STAND_IN_XFAIL = pytest.mark.xfail(STAND_IN, strict=True, reason="today's kernels/logprob.py (see STAND-IN above)")
+STAND_IN_FAILING_AUTOTUNERS = {"_token_grads_kernel"} if STAND_IN else set()
+# END OF STAND-IN -----------------------------------------------------------------------------------
+
+
+def ptxas_missing():
+    """The reason ahead-of-time compilation cannot run here, or None."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        for arch in (80, 90):
+            tool = get_ptxas(arch)
+            if tool is None or not Path(tool.path).is_file():
+                return f"Triton {triton.__version__} has no ptxas for sm_{arch}"
+    except Exception as error:  # no NVIDIA backend in this Triton build
+        return f"Triton {triton.__version__} cannot provide ptxas: {error}"
+    return None
+
+
+@STAND_IN_XFAIL
+def test_surviving_bf16_configs_fit_and_do_not_spill_or_fence(tmp_path):
+    reason = ptxas_missing()
+    if reason:
+        pytest.skip(reason)
+    # The report compiles for real GPUs: it must not inherit the interpreter switch that conftest sets.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, str(REPO / "bench" / "kernel_report.py"), "--archs", "sm_80,sm_90", "--dtypes", "bf16",
+               "--dim", "4096", "--survivors-only", "--out", str(tmp_path), "--name", "kernels"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert not report["errors"], report["errors"]
+
+    records = report["records"]
+    survivors = [r for r in records if not r["pruned"]]
+    kernels = {r["kernel"] for r in records}
+    for arch in ("sm_80", "sm_90"):
+        for kernel in kernels:  # pruning must leave the autotuner something to pick on every chip
+            assert any(r["kernel"] == kernel and r["arch"] == arch for r in survivors), f"{kernel}: no config on {arch}"
+    problems = []
+    for r in survivors:
+        where = f"{r['kernel']} {r['arch']} {r['config']}"
+        if r["registers"] is None:
+            problems.append(f"{where}: not compiled")
+            continue
+        if not r["fits"]:
+            problems.append(f"{where}: {r['shared_bytes']} B of shared memory does not fit")
+        if r["spill_bytes"]:
+            problems.append(f"{where}: {r['spill_bytes']} B stack frame (register spills)")
+        if r["fenced_atomics"]:
+            problems.append(f"{where}: fenced atomics")
+    assert not problems, "\n".join(problems)
+
+
+def autotuners():
+    """Every autotuned kernel in the kernels package, by name."""
+    found = {}
+    for module_info in pkgutil.iter_modules(amapo_fast.kernels.__path__):
+        module = importlib.import_module(f"amapo_fast.kernels.{module_info.name}")
+        found.update({name: value for name, value in vars(module).items() if isinstance(value, Autotuner)})
+    return found
+
+
+def is_optional_pointer(name):
+    """Pointer arguments that a bias-free head passes as None."""
+    return name.endswith("_ptr") and "bias" in name
+
+
+def arguments_without_bias(autotuner):
+    """An argument dict as a launch for a bias-free head gives the hooks: None for every optional pointer."""
+    args = {}
+    for name in autotuner.arg_names:
+        if is_optional_pointer(name):
+            args[name] = None
+        elif name.endswith("_ptr"):
+            args[name] = torch.ones(8)
+        elif name.startswith("HAS_"):
+            args[name] = False
+        else:
+            args[name] = 8
+    return args
+
+
+@pytest.mark.parametrize("name", sorted(autotuners()))
+def test_autotuner_hooks_never_touch_an_absent_argument(name, request):
+    if name in STAND_IN_FAILING_AUTOTUNERS:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="today's restore_value names d_bias_ptr"))
+    autotuner = autotuners()[name]
+    optional = {arg for arg in autotuner.arg_names if is_optional_pointer(arg)}
+    # Triton 3.9 skips None here but 3.6 does not: an optional argument must not be named at all.
+    named = (set(autotuner.restore_value) | set(autotuner.reset_to_zero)) & optional
+    assert not named, f"{name}: restore_value / reset_to_zero name optional arguments {sorted(named)}"
+
+    args = arguments_without_bias(autotuner)
+    before = {key: value.clone() for key, value in args.items() if isinstance(value, torch.Tensor)}
+    autotuner.pre_hook(args)  # what a benchmarked config runs first, then last:
+    autotuner.post_hook(args, None)
+    for config in autotuner.configs:
+        if config.pre_hook:
+            config.pre_hook(args)
+    for key in autotuner.restore_value:  # restore_value puts back what the benchmark run overwrote
+        assert torch.equal(args[key], before[key]), key
+    if autotuner.early_config_prune:
+        kept = autotuner.early_config_prune(autotuner.configs, args)
+        assert kept, f"{name}: pruning left no config"
+    if autotuner.perf_model:
+        for config in autotuner.configs:
+            autotuner.perf_model(**args, **config.all_kwargs())
