@@ -315,12 +315,15 @@ def main(argv=None):
     header = {
         "date (UTC)": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "`" + shlex.join(["python", "bench/kernel_report.py"] + list(argv)) + "`",
+        "git commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                     cwd=Path(__file__).resolve().parent).stdout.strip() or None,
         "triton": triton.__version__,
         "ptxas": ", ".join(f"{arch} {tool.version} ({Path(tool.path).name})" for arch, tool in ptxas.items()),
         "head width D": args.dim,
         "shared-memory limit per block (bytes)": ", ".join(f"{arch} {SHARED_LIMIT[arch]}" for arch in archs),
         "compiled": ("configs that survive pruning" if args.survivors_only else "every config, pruned ones too")
-        + f"; fp32 with the kernels' dot precision under torch's default float32 matmul precision",
+        + "; fp32 with the dot precision the kernels use under torch's default float32 matmul precision "
+        "(true fp32, 'ieee': no tensor cores, most of the compile time)",
         "specialisation": "16-byte aligned pointers and D marked divisible by 16, no bias (as the JIT does for "
         "a bias-free Llama/Mistral head)",
         "compile time (s)": f"{time.perf_counter() - begin:.0f} with {args.jobs} processes",
