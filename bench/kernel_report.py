@@ -56,69 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from amapo_fast.kernels.autotune import SHARED_LIMIT, aot_targets, prune_configs  # noqa: E402
+
 RECORD_KEYS = (
     "kernel", "arch", "dtype", "config", "shared_bytes", "fits", "pruned", "registers", "spill_bytes", "wgmma",
     "fenced_atomics",
 )
 ARCHS = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
-# ---------------------------------------------------------------------------------------------------
-# STAND-IN for `amapo_fast.kernels.autotune` (aot_targets, prune_configs, SHARED_LIMIT), built from
-# today's kernels/logprob.py until that module lands. Delete from here to the closing marker then.
-try:
-    from amapo_fast.kernels.autotune import SHARED_LIMIT, aot_targets, prune_configs
-except ImportError:
-    from typing import NamedTuple
-
-    SHARED_LIMIT = {"sm_80": 166912, "sm_90": 232448}
-
-    class AotTarget(NamedTuple):
-        kernel: str
-        fn: object
-        signature: dict
-        constexprs: dict
-        divisible: tuple
-        configs: list
-
-    def _stand_in_shared_estimate(config, dtype):
-        kw = config.kwargs
-        return config.num_stages * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_D"] * dtype.itemsize
-
-    def prune_configs(configs, dtype, shared_limit_bytes):
-        return [c for c in configs if _stand_in_shared_estimate(c, dtype) <= shared_limit_bytes]
-
-    def aot_targets(dtype, dim):
-        from amapo_fast.kernels import logprob
-
-        t = TRITON_TYPES[dtype]
-        common = {"bias_ptr": None, "HAS_BIAS": False, "INTERPRET": False,
-                  "DOT_PRECISION": logprob._dot_precision(dtype)}
-        meta = ("HAS_BIAS", "INTERPRET", "DOT_PRECISION", "BLOCK_N", "BLOCK_V", "BLOCK_D", "GROUP_N")
-        forward = logprob._logprob_partials_kernel
-        backward = logprob._token_grads_kernel
-        return [
-            AotTarget(
-                "_logprob_partials_kernel", forward.fn,
-                {"hidden_ptr": f"*{t}", "weight_ptr": f"*{t}", "bias_ptr": "constexpr", "targets_ptr": "*i64",
-                 "partials_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "split_width": "i32",
-                 "num_splits": "i32", **dict.fromkeys(meta, "constexpr")},
-                common, ("hidden_ptr", "weight_ptr", "targets_ptr", "partials_ptr", "D"), forward.configs,
-            ),
-            AotTarget(
-                "_token_grads_kernel", backward.fn,
-                {"hidden_ptr": f"*{t}", "weight_ptr": f"*{t}", "bias_ptr": "constexpr", "targets_ptr": "*i64",
-                 "lse_ptr": "*fp32", "coef_ptr": "*fp32", "d_hidden_ptr": "*fp32", "d_weight_ptr": "*fp32",
-                 "d_bias_ptr": "constexpr", "N": "i32", "V": "i32", "D": "i32", "vocab_offset": "i32",
-                 **dict.fromkeys(meta, "constexpr")},
-                {**common, "d_bias_ptr": None},
-                ("hidden_ptr", "weight_ptr", "targets_ptr", "lse_ptr", "coef_ptr", "d_hidden_ptr", "d_weight_ptr",
-                 "D"),
-                backward.configs,
-            ),
-        ]
-# END OF STAND-IN -----------------------------------------------------------------------------------
 
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores")
@@ -198,9 +143,9 @@ def plan(archs, dtype_names, dim, survivors_only):
     for dtype_name in dtype_names:
         for target in _targets(dtype_name, dim).values():
             for arch_name in archs:
-                survivors = prune_configs(target.configs, DTYPES[dtype_name], SHARED_LIMIT[arch_name])
                 for index, config in enumerate(target.configs):
-                    pruned = not any(config is kept for kept in survivors)
+                    block_n = config.kwargs["BLOCK_N"]  # chosen by the launcher; the pruning hook gets it too
+                    pruned = not prune_configs([config], DTYPES[dtype_name], block_n, SHARED_LIMIT[arch_name])
                     record = dict.fromkeys(RECORD_KEYS)
                     record.update(kernel=target.kernel, arch=arch_name, dtype=dtype_name, config=config_dict(config),
                                   pruned=pruned)

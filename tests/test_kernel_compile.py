@@ -9,7 +9,6 @@
    interpreter runs one config and never calls these hooks, so they are called here directly.
 """
 import importlib
-import importlib.util
 import json
 import os
 import pkgutil
@@ -26,15 +25,6 @@ import amapo_fast.kernels
 
 REPO = Path(__file__).resolve().parent.parent
 
-# ---------------------------------------------------------------------------------------------------
-# STAND-IN, until kernels/autotune.py and the atomics-free backward land: today's kernels fail both
-# checks (their backward accumulates with acq_rel atomics, some configs spill, and its autotuner restores
-# the absent d_bias_ptr). Strict xfail, so these tests report when the new kernels make them pass. Delete
-# this block and the two `@STAND_IN_XFAIL...` uses when merging the new kernels.
-STAND_IN = importlib.util.find_spec("amapo_fast.kernels.autotune") is None
-STAND_IN_XFAIL = pytest.mark.xfail(STAND_IN, strict=True, reason="today's kernels/logprob.py (see STAND-IN above)")
-STAND_IN_FAILING_AUTOTUNERS = {"_token_grads_kernel"} if STAND_IN else set()
-# END OF STAND-IN -----------------------------------------------------------------------------------
 
 
 def ptxas_missing():
@@ -51,7 +41,6 @@ def ptxas_missing():
     return None
 
 
-@STAND_IN_XFAIL
 def test_surviving_bf16_configs_fit_and_do_not_spill_or_fence(tmp_path):
     reason = ptxas_missing()
     if reason:
@@ -101,31 +90,31 @@ def is_optional_pointer(name):
 
 
 def arguments_without_bias(autotuner):
-    """An argument dict as a launch for a bias-free head gives the hooks: None for every optional pointer."""
-    args = {}
+    """What a launch for a bias-free head gives the hooks: (named arguments with None for every optional
+    pointer, the keyword constexprs the launcher passes besides the autotuned ones)."""
+    tuned = set(autotuner.configs[0].all_kwargs())
+    args, keywords = {}, {}
     for name in autotuner.arg_names:
         if is_optional_pointer(name):
             args[name] = None
         elif name.endswith("_ptr"):
             args[name] = torch.ones(8)
-        elif name.startswith("HAS_"):
-            args[name] = False
-        else:
-            args[name] = 8
-    return args
+        elif name.isupper() and name not in tuned:  # constexprs such as HAS_BIAS, BLOCK_N
+            keywords[name] = False if name.startswith(("HAS_", "INT64_")) else 16
+        elif not name.isupper():
+            args[name] = 16
+    return args, keywords
 
 
 @pytest.mark.parametrize("name", sorted(autotuners()))
-def test_autotuner_hooks_never_touch_an_absent_argument(name, request):
-    if name in STAND_IN_FAILING_AUTOTUNERS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="today's restore_value names d_bias_ptr"))
+def test_autotuner_hooks_never_touch_an_absent_argument(name):
     autotuner = autotuners()[name]
     optional = {arg for arg in autotuner.arg_names if is_optional_pointer(arg)}
     # Triton 3.9 skips None here but 3.6 does not: an optional argument must not be named at all.
     named = (set(autotuner.restore_value) | set(autotuner.reset_to_zero)) & optional
     assert not named, f"{name}: restore_value / reset_to_zero name optional arguments {sorted(named)}"
 
-    args = arguments_without_bias(autotuner)
+    args, keywords = arguments_without_bias(autotuner)
     before = {key: value.clone() for key, value in args.items() if isinstance(value, torch.Tensor)}
     autotuner.pre_hook(args)  # what a benchmarked config runs first, then last:
     autotuner.post_hook(args, None)
@@ -135,8 +124,8 @@ def test_autotuner_hooks_never_touch_an_absent_argument(name, request):
     for key in autotuner.restore_value:  # restore_value puts back what the benchmark run overwrote
         assert torch.equal(args[key], before[key]), key
     if autotuner.early_config_prune:
-        kept = autotuner.early_config_prune(autotuner.configs, args)
+        kept = autotuner.early_config_prune(autotuner.configs, args, **keywords)
         assert kept, f"{name}: pruning left no config"
     if autotuner.perf_model:
         for config in autotuner.configs:
-            autotuner.perf_model(**args, **config.all_kwargs())
+            autotuner.perf_model(**args, **keywords, **config.all_kwargs())
