@@ -30,7 +30,6 @@ first run on a GPU is not the script's first run.
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import shutil
@@ -84,7 +83,7 @@ def _loss_bench(args, out):
     if args.rehearse:
         shapes, paths, reps, per_path = "N=256,T=64,D=64,V=512", "triton,liger,reference,cce,chunked", "2", "60"
     else:
-        # N=4096 dense is the issue's headline shape (4096 response tokens); realistic rows are ~28 % response,
+        # N=4096 dense is the headline shape (4096 response tokens); realistic rows are ~28 % response,
         # so N=16384 positions carry about as many response tokens. torch.compile last: it compiles longest.
         shapes, paths, reps, per_path = "N=4096,T=1024;N=16384,T=1024", "triton,liger,reference,cce,compile", "3", "32"
     return [sys.executable, "bench/run.py", "--device", args.device, "--shapes", shapes,
@@ -323,7 +322,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.determinism_worker:
         sys.exit(determinism_worker(args.determinism_worker, args.tokens, args.dim, args.vocab))
-    if not args.rehearse and importlib.util.find_spec("torch") and not _cuda_visible():
+    if not args.rehearse and not _cuda_visible():
         raise SystemExit("gpu_check: no CUDA device is visible to torch; --rehearse runs the stages on the CPU")
     results = run_check(args)
     sys.exit(0 if all(r["status"] == "passed" for r in results) else 1)

@@ -28,5 +28,5 @@ def test_rehearsal_runs_every_selected_stage_past_a_timeout(tmp_path):
     result = json.loads((out / "determinism.json").read_text())
     assert result["d_hidden_bit_identical"] and result["d_weight_bit_identical"]
     assert "| versions | timed out |" in (out / "summary.md").read_text()
-    # Under the device tool (OUT set) the summary and one archive of everything are copied out.
+    # With OUT set (a remote machine's collection folder) the summary and one archive of everything are copied out.
     assert sorted(p.name for p in bundle.iterdir()) == ["check.tar.gz", "summary.md"]
