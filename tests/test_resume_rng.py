@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+pytest.importorskip("datasets")  # the trainer's toy data
+
 from amapo_fast import model as model_module
 from amapo_fast.train import main
 
