@@ -145,7 +145,9 @@ def plan(archs, dtype_names, dim, survivors_only):
             for arch_name in archs:
                 for index, config in enumerate(target.configs):
                     block_n = config.kwargs["BLOCK_N"]  # chosen by the launcher; the pruning hook gets it too
-                    pruned = not prune_configs([config], DTYPES[dtype_name], block_n, SHARED_LIMIT[arch_name])
+                    pruned = not prune_configs(
+                        [config], DTYPES[dtype_name], block_n, SHARED_LIMIT[arch_name], target.max_tile
+                    )
                     record = dict.fromkeys(RECORD_KEYS)
                     record.update(kernel=target.kernel, arch=arch_name, dtype=dtype_name, config=config_dict(config),
                                   pruned=pruned)

@@ -39,15 +39,17 @@ if INTERPRET:
     TOKEN_BLOCKS = {torch.float32: (16, 16), torch.bfloat16: (16, 16), torch.float16: (16, 16)}
 else:
     # (BLOCK_V, BLOCK_D, GROUP_N, warps, stages): tensor-core matmul shapes. Left out because they spill
-    # registers at BLOCK_N=128 on sm_80 or sm_90 with Triton 3.6 or 3.9 (found by compiling ahead of
-    # time): 256-wide vocabulary tiles, and in the forward, whose online-softmax epilogue holds more
-    # state, 4-warp programs and 4 stages of 64-deep D chunks.
+    # registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (found by compiling ahead of time): 256-wide
+    # vocabulary tiles, and in the forward, whose online-softmax epilogue holds more state, 4-warp
+    # programs, 4 stages of 64-deep D chunks and 64 x 128 weight tiles; 128 x 128 logit tiles are pruned
+    # for the forward by FORWARD_MAX_TILE.
     FORWARD_CONFIGS = _configs(
         [
             (128, 64, 8, 8, 3),
             (128, 128, 8, 8, 3),
             (128, 32, 8, 8, 4),
             (64, 64, 8, 8, 3),
+            (64, 32, 8, 8, 4),
         ]
     )
     BACKWARD_CONFIGS = _configs(
@@ -60,6 +62,11 @@ else:
     )
     # BLOCK_N candidates per dtype: (small batches, large batches); see token_block_size.
     TOKEN_BLOCKS = {torch.float32: (32, 64), torch.bfloat16: (64, 128), torch.float16: (64, 128)}
+
+# The forward's online-softmax epilogue keeps several [BLOCK_N, BLOCK_V] fp32 tiles live besides the dot
+# accumulator: beyond this many elements per program it spills registers on sm_90 (128 x 128 does, found
+# by compiling ahead of time), so larger tiles are pruned for it.
+FORWARD_MAX_TILE = 64 * 128
 
 SMALL_BATCH_TOKENS = 2048  # up to here the smaller BLOCK_N: less padding waste, more programs
 
@@ -88,10 +95,16 @@ def estimated_shared_bytes(config: triton.Config, block_n: int, element_size: in
     return config.num_stages * (block_n + kwargs["BLOCK_V"]) * kwargs["BLOCK_D"] * element_size
 
 
-def prune_configs(configs, dtype: torch.dtype, block_n: int, shared_limit: int):
-    """The configs whose shared memory fits a device with shared_limit bytes per block."""
+def prune_configs(configs, dtype: torch.dtype, block_n: int, shared_limit: int, max_tile: int | None = None):
+    """The configs whose shared memory fits a device with shared_limit bytes per block and whose logit
+    tile has at most max_tile elements (None: no limit)."""
     element_size = torch.empty((), dtype=dtype).element_size()
-    return [c for c in configs if estimated_shared_bytes(c, block_n, element_size) <= shared_limit]
+    return [
+        c
+        for c in configs
+        if estimated_shared_bytes(c, block_n, element_size) <= shared_limit
+        and (max_tile is None or block_n * c.kwargs["BLOCK_V"] <= max_tile)
+    ]
 
 
 def device_shared_limit(device: torch.device) -> int:
@@ -102,12 +115,12 @@ def device_shared_limit(device: torch.device) -> int:
     return int(limit)
 
 
-def prune_for_device(configs, named_args, **kwargs):
+def prune_for_device(configs, named_args, max_tile=None, **kwargs):
     """`early_config_prune` hook of both kernels: drop configs that do not fit the launching device."""
     hidden = named_args["hidden_ptr"]
     if not hidden.is_cuda:  # the interpreter: nothing to fit
         return configs
-    fitting = prune_configs(configs, hidden.dtype, kwargs["BLOCK_N"], device_shared_limit(hidden.device))
+    fitting = prune_configs(configs, hidden.dtype, kwargs["BLOCK_N"], device_shared_limit(hidden.device), max_tile)
     if not fitting:
         raise RuntimeError(f"no kernel config fits this GPU's shared memory for {hidden.dtype} inputs")
     return fitting
@@ -122,6 +135,7 @@ class AotTarget(NamedTuple):
     constexprs: dict  # non-config constexprs, as a GPU launch sets them
     divisible: tuple  # arguments the JIT specialises as divisible by 16 at real launches
     configs: list  # every config the launcher and autotuner can pick, BLOCK_N included
+    max_tile: int | None  # the kernel's logit-tile limit in prune_configs
 
 
 def launch_configs(configs, dtype: torch.dtype):

@@ -134,4 +134,5 @@ def aot_target(dtype: torch.dtype, dim: int) -> AotTarget:
         },  # fmt: skip
         divisible=("hidden_ptr", "weight_ptr", "targets_ptr", "lse_ptr", "coef_ptr", "dlogits_ptr", "D", "dlogits_stride"),
         configs=launch_configs(BACKWARD_CONFIGS, dtype),
+        max_tile=None,
     )

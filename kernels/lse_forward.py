@@ -9,6 +9,8 @@ sum of the logits and the sum of exp-weighted logits, from which entropy follows
 Splitting the vocabulary keeps the GPU busy when there are few token blocks; the number of splits is
 chosen so that token blocks x splits fills whole waves of the GPU's multiprocessors.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -16,6 +18,7 @@ import triton.language as tl
 from ..vocab_chunks import TokenLogprobs
 from .autotune import (
     FORWARD_CONFIGS,
+    FORWARD_MAX_TILE,
     AotTarget,
     launch_configs,
     needs_int64_offsets,
@@ -32,7 +35,11 @@ GOOD_WAVE_FILL = 0.95  # the last wave at least this full (on average over waves
 PARTIALS = 5  # running max, sum of exp(logit - max), target logit, sum of logits, sum of exp(logit - max) * logit
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=["n_bucket", "V", "D"], prune_configs_by={"early_config_prune": prune_for_device})
+@triton.autotune(
+    configs=FORWARD_CONFIGS,
+    key=["n_bucket", "V", "D"],
+    prune_configs_by={"early_config_prune": functools.partial(prune_for_device, max_tile=FORWARD_MAX_TILE)},
+)
 @triton.jit
 def _lse_partials_kernel(
     hidden_ptr,  # [N, D]
@@ -180,4 +187,5 @@ def aot_target(dtype: torch.dtype, dim: int) -> AotTarget:
         },  # fmt: skip
         divisible=("hidden_ptr", "weight_ptr", "targets_ptr", "partials_ptr", "D"),
         configs=launch_configs(FORWARD_CONFIGS, dtype),
+        max_tile=FORWARD_MAX_TILE,
     )
