@@ -16,8 +16,9 @@ DEBUG_ENV = "AMAPO_DEBUG"
 USER_ERROR_EXIT = 2
 
 
-class UserError(Exception):
-    """An error the user caused and can fix; its message is the whole story, one line."""
+class UserError(ValueError):
+    """An error the user caused and can fix; its message is the whole story, one line. A ValueError, so that
+    library callers that catch bad values keep catching it."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -80,6 +81,18 @@ def user_errors(*types, prefix: str = ""):
     except types as error:
         lines = str(error).strip().splitlines()
         raise UserError(prefix + (lines[0] if lines else type(error).__name__)) from error
+
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".yaml", ".yml")
+
+
+def require_existing_if_local(name: str, flag: str):
+    """A name that can only be a local path (it starts with '.', '/' or '~', or ends like a data file) must
+    exist; otherwise the hub is asked for it and answers with a confusing message about repository ids."""
+    if os.path.exists(name):
+        return
+    if name.startswith((".", "/", "~")) or name.lower().endswith(LOCAL_SUFFIXES):
+        raise UserError(f"{flag} {name}: no such file or folder")
 
 
 def check_output_dir(path: str, flag: str, *, must_be_empty: bool = False, empty_hint: str = ""):

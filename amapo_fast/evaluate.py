@@ -34,7 +34,16 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import rmbench
-from .cli import ArgumentParser, HelpFormatter, UserError, add_debug_flag, check_output_dir, exits_cleanly_on_user_errors, user_errors
+from .cli import (
+    ArgumentParser,
+    HelpFormatter,
+    UserError,
+    add_debug_flag,
+    check_output_dir,
+    exits_cleanly_on_user_errors,
+    require_existing_if_local,
+    user_errors,
+)
 
 # Two-sided 95% normal quantile, for the Wilson score interval.
 Z_95 = 1.959963984540054
@@ -481,7 +490,13 @@ def main(argv=None) -> dict:
     labels = [_label(name) for name in names]
     if len(set(labels)) != len(labels):
         raise UserError(f"--compare names a model twice: {labels}")
-    check_output_dir(args.output_dir, "--output-dir")  # before any model loads, not after the evaluation
+    # Paths are checked before any model loads, not after the evaluation ran.
+    check_output_dir(args.output_dir, "--output-dir")
+    for name in names + [args.tokenizer] * bool(args.tokenizer):
+        if name != "toy":
+            require_existing_if_local(name, "--compare" if args.compare else "--model")
+    if args.dataset != "toy":
+        require_existing_if_local(args.dataset, "--dataset")
     settings = EvalSettings(
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
         beta=args.beta, subset_column=args.subset_column, num_proc=args.num_proc,
@@ -490,7 +505,7 @@ def main(argv=None) -> dict:
     env = init_distributed()
     try:
         bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
-        with user_errors(ValueError, FileNotFoundError, KeyError, prefix=f"dataset {args.dataset}: "):
+        with user_errors(ValueError, OSError, KeyError, prefix=f"dataset {args.dataset}: "):
             dataset = _load_eval_dataset(args)
         report = {
             "dataset": args.dataset, "split": "held-out" if args.dataset == "toy" else args.split,

@@ -30,7 +30,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from amapo_fast.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_pretrained  # noqa: E402
-from amapo_fast.cli import UserError, check_output_dir, exits_cleanly_on_user_errors, user_errors  # noqa: E402
+from amapo_fast.cli import (  # noqa: E402
+    UserError,
+    check_output_dir,
+    exits_cleanly_on_user_errors,
+    require_existing_if_local,
+    user_errors,
+)
 from amapo_fast.config import TrainConfig, parse_config  # noqa: E402
 from amapo_fast.data import (  # noqa: E402
     REF_COLUMNS,
@@ -85,6 +91,11 @@ def _raw_splits(config: TrainConfig):
         # One file holds one split: hold a seeded slice out instead of evaluating on the training rows.
         if config.eval_fraction == 0:
             return train, None, "none (a single file and --eval_fraction 0)"
+        if len(train) * (1 - config.eval_fraction) < 1:
+            raise UserError(
+                f"dataset {config.dataset_name}: {len(train)} row(s) are too few to hold a fraction out; add rows, "
+                "or pass --eval_fraction 0 to train on them without evaluation"
+            )
         parts = train.train_test_split(test_size=config.eval_fraction, seed=config.seed)
         source = (
             f"a seeded {config.eval_fraction:.0%} of the file's {len(train)} rows: --eval_fraction "
@@ -100,25 +111,26 @@ def load_splits(config: TrainConfig, tokenizer) -> PreferenceSplits:
 
     Every data problem (a bad path or split, a missing column, an empty file, no usable row) is the user's
     to fix, so it ends the run with one line naming the dataset."""
-    with user_errors(ValueError, FileNotFoundError, KeyError, prefix=f"dataset {config.dataset_name}: "):
+    if config.dataset_name != TOY:
+        require_existing_if_local(config.dataset_name, "--dataset_name")
+    data_errors = functools.partial(user_errors, ValueError, OSError, KeyError, prefix=f"dataset {config.dataset_name}: ")
+    with data_errors():
         train, held_out, held_out_source = _raw_splits(config)
-        read = []
-        tokenized = []
-        for dataset, limit in ((train, config.max_train_samples), (held_out, config.max_eval_samples)):
-            if dataset is None:
-                read.append(0)
-                tokenized.append(None)
-                continue
-            if limit is not None:
-                dataset = dataset.select(range(min(limit, len(dataset))))
-            read.append(len(dataset))
-            with local_main_first():
-                tokenized.append(
-                    tokenize_preference_dataset(
-                        dataset, tokenizer, config.max_length, config.max_prompt_length,
-                        num_proc=config.dataset_num_proc,
-                    )
+    read, tokenized = [], []
+    for dataset, limit in ((train, config.max_train_samples), (held_out, config.max_eval_samples)):
+        if dataset is None:
+            read.append(0)
+            tokenized.append(None)
+            continue
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        read.append(len(dataset))
+        with local_main_first(), data_errors():
+            tokenized.append(
+                tokenize_preference_dataset(
+                    dataset, tokenizer, config.max_length, config.max_prompt_length, num_proc=config.dataset_num_proc
                 )
+            )
     return PreferenceSplits(tokenized[0], tokenized[1], read[0], read[1], held_out_source)
 
 
@@ -339,6 +351,9 @@ class Trainer:
             with user_errors(FileNotFoundError):
                 self.resume_path = resolve_resume(config.resume, config.output_dir)
         tokenizer_name = config.tokenizer_name_or_path or config.model_name_or_path
+        for flag in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
+            if getattr(config, flag) not in (None, TOY):
+                require_existing_if_local(getattr(config, flag), f"--{flag}")
         with user_errors(OSError, ValueError, prefix=f"tokenizer {tokenizer_name}: "):
             self.tokenizer = load_tokenizer(tokenizer_name)
         self.splits = load_splits(config, self.tokenizer)
@@ -367,7 +382,8 @@ class Trainer:
             )
         epochs_steps = math.ceil(config.num_train_epochs * self.steps_per_epoch)
         self.total_steps = config.max_steps if config.max_steps > 0 else epochs_steps
-        self.warmup_steps = math.ceil(config.warmup_ratio * self.total_steps)
+        # At least the last step runs at the peak rate: a 1-step run is not spent warming up.
+        self.warmup_steps = min(math.ceil(config.warmup_ratio * self.total_steps), self.total_steps - 1)
         self.pairs_left_out = len(self.train_set) - self.steps_per_epoch * self.step_pairs
 
     def _build_models(self):

@@ -222,7 +222,7 @@ def test_settings_come_from_defaults_yaml_and_flags(tmp_path):
     config_file.write_text("betta: 3.0\n")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['betta'\]"):
         parse_config(["--config", str(config_file)])
-    with pytest.raises(ValueError, match="max_prompt_length=128 must be smaller than max_length=128"):
+    with pytest.raises(ValueError, match="--max_prompt_length 128 must be smaller than --max_length 128"):
         parse_config(["--max_prompt_length", "128"])
 
 
