@@ -43,6 +43,7 @@ def init_distributed() -> DistEnv:
         if "RANK" in os.environ:  # launched by torchrun (or another launcher that sets the env:// variables)
             dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
         else:  # a plain `python amapo_fast/train.py`: a process group of one, no ports needed
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's zero.Init reads it, as torchrun would set it
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

@@ -23,6 +23,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -596,6 +597,9 @@ def main(argv: list[str] | None = None) -> dict:
         config.output_dir, "--output_dir", must_be_empty=not (config.resume or config.overwrite_output_dir),
         empty_hint="; pass --overwrite_output_dir to replace it, --resume to continue it, or another --output_dir",
     )
+    if config.backend == "deepspeed":
+        # DeepSpeed calls collectives that torch has deprecated; the FutureWarning would come back every step.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     if not torch.cuda.is_available():
         # transformers' save_pretrained imports DeepSpeed whenever it is installed, whatever the backend; without
         # a GPU, DeepSpeed then warns that it falls back to the CPU. Name the CPU up front: it is expected here.

@@ -231,3 +231,12 @@ def test_resumed_log_keeps_each_step_once(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (0, 1, 2, 3)) + '{"step": 4, "lo')
     assert [json.loads(line)["step"] for line in train._records_up_to(str(log), 2)] == [0, 1, 2]
+
+
+def test_readme_python_example_runs_as_written():
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["hidden"].grad is not None and namespace["lm_head"].weight.grad is not None
+
