@@ -133,7 +133,21 @@ def load_yaml(path: str) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"--config {path}: unknown field(s) {unknown}; see --help for the fields")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        if not _fits(value, *_base_type(hints[name])):
+            expected = _base_type(hints[name])[0].__name__
+            raise UserError(f"--config {path}: {name}: expected type {expected}, got {value!r}")
     return values
+
+
+def _fits(value, base, optional: bool) -> bool:
+    """Whether a YAML value can fill a field of type `base` (strings are parsed later, as flags are)."""
+    if isinstance(value, str) or (value is None and optional):
+        return True
+    if isinstance(value, bool):
+        return base is bool
+    return isinstance(value, base) or (base is float and isinstance(value, int))
 
 
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:

@@ -91,6 +91,18 @@ def test_train_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, exp
     assert expected in _user_error(capsys, train.main, argv + ["--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [("beta: [1, 2]\n", "beta: expected type float, got [1, 2]"), ("max_length: 1.5\n", "max_length: expected type int"),
+     ("packed: 3\n", "packed: expected type bool"), ("beta: abc\n", "invalid float value: 'abc'"),
+     ("- beta\n", "expected a mapping"), ("beta: [\n", "not valid YAML")],
+)
+def test_config_file_mistakes_are_one_line(tmp_path, capsys, yaml_text, expected):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml_text)
+    assert expected in _user_error(capsys, train.main, ["--config", str(config_file)])
+
+
 @pytest.mark.parametrize("layout, expected", [("file", "is a file, not a folder"), ("under_file", "is a file")])
 def test_unusable_output_dir_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, layout, expected):
     blocker = tmp_path / "blocker"
