@@ -55,6 +55,7 @@ from amapo_fast.distributed import (  # noqa: E402
     peak_memory_gib,
 )
 from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  # noqa: E402
+from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
 
@@ -351,6 +352,9 @@ class Trainer:
         if config.resume:
             with user_errors(FileNotFoundError):
                 self.resume_path = resolve_resume(config.resume, config.output_dir)
+        # The loss path this device will run ('auto' resolved); an impossible choice is refused before loading.
+        with user_errors(ValueError, prefix="--loss_impl: "):
+            self.loss_impl = resolve_impl(config.loss_impl, env.device)
         tokenizer_name = config.tokenizer_name_or_path or config.model_name_or_path
         for flag in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             if getattr(config, flag) not in (None, TOY):
@@ -439,7 +443,7 @@ class Trainer:
             ("training data", f"{config.dataset_name}: {len(self.train_set)} pairs ({train_dropped} unusable rows "
                               "dropped)"),
             ("held-out data", held_out),
-            ("loss", f"{config.loss_type}, beta {config.beta:g}, implementation {config.loss_impl}"),
+            ("loss", f"{config.loss_type}, beta {config.beta:g}, implementation {self.loss_impl}"),
             ("processes", f"{self.env.world_size} on {self.env.device.type}, {config.backend}, "
                           f"{'bf16' if self.bf16 else 'fp32'}"),
             ("batch", f"{self.step_pairs} pairs per optimizer step ({config.per_device_train_batch_size} per device "

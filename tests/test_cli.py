@@ -91,6 +91,14 @@ def test_train_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, exp
     assert expected in _user_error(capsys, train.main, argv + ["--output_dir", str(tmp_path / "out")])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton path runs on a GPU")
+def test_triton_loss_on_a_cpu_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the test setup sets it; a user's shell would not
+    monkeypatch.setattr("amapo_fast.train.load_tokenizer", None)  # reached only if the check came too late
+    line = _user_error(capsys, train.main, ["--loss_impl", "triton", "--output_dir", str(tmp_path / "out")])
+    assert "--loss_impl: impl='triton' got tensors on cpu" in line
+
+
 @pytest.mark.parametrize(
     "yaml_text, expected",
     [("beta: [1, 2]\n", "beta: expected type float, got [1, 2]"), ("max_length: 1.5\n", "max_length: expected type int"),
