@@ -4,11 +4,13 @@
 """
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 
+from .cli import ArgumentParser, HelpFormatter, UserError, add_debug_flag
 from .loss import IMPLS
 from .objective import LOSS_TYPES, STATS_SCOPES
 
@@ -31,7 +33,12 @@ class TrainConfig:
     dataset_name: str = _field("toy", "hub name, local json/jsonl/parquet file or folder; 'toy' generates string-edit pairs")
     dataset_config_name: str | None = _field(None, "hub dataset config (subset) name")
     train_split: str = _field("train", "split to train on")
-    eval_split: str | None = _field("test", "held-out split for evaluation; empty or none to skip evaluation")
+    eval_split: str | None = _field(
+        "test", "held-out split of a hub dataset or saved folder; empty or none to skip evaluation"
+    )
+    eval_fraction: float = _field(
+        0.1, "a local file has no separate held-out split: this fraction of its rows (seeded) is held out instead"
+    )
     max_train_samples: int | None = _field(None, "keep only the first N training rows")
     max_eval_samples: int | None = _field(None, "keep only the first N evaluation rows")
     toy_num_train: int = _field(1600, "rows generated for the toy training split")
@@ -41,7 +48,7 @@ class TrainConfig:
     dataset_num_proc: int | None = _field(None, "processes for tokenization (datasets' map)")
     packed: bool = _field(False, "padding-free batches: sequences concatenated, varlen attention via position_ids")
 
-    # Loss (SPEC section 1).
+    # Loss (see the README for the exact formulas).
     loss_type: str = _field("amapo", "AMaPO, an ablation of it, SimPO or DPO", LOSS_TYPES)
     beta: float = _field(2.0, "beta of the loss")
     label_smoothing: float = _field(0.0, "label smoothing eps in [0, 0.5]")
@@ -73,6 +80,9 @@ class TrainConfig:
 
     # Logging, evaluation, checkpoints.
     output_dir: str = _field("outputs/amapo-toy", "checkpoints, final model and logs go here")
+    overwrite_output_dir: bool = _field(
+        False, "start afresh in an output_dir that holds an earlier run (its log, checkpoints and final/ are removed)"
+    )
     logging_steps: int = _field(10, "log the averaged metrics every N optimizer steps")
     eval_steps: int = _field(0, "evaluate on the held-out split every N steps (0: only before and after training)")
     save_steps: int = _field(0, "write a sharded checkpoint every N steps (0: none)")
@@ -110,24 +120,44 @@ def _optional(parse):
 def load_yaml(path: str) -> dict:
     import yaml
 
-    with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise UserError(f"--config {path}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from error
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of field: value, got {type(values).__name__}")
+        raise UserError(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown field(s) {unknown}; see --help for the fields")
+        raise UserError(f"--config {path}: unknown field(s) {unknown}; see --help for the fields")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        if not _fits(value, *_base_type(hints[name])):
+            expected = _base_type(hints[name])[0].__name__
+            raise UserError(f"--config {path}: {name}: expected type {expected}, got {value!r}")
     return values
 
 
+def _fits(value, base, optional: bool) -> bool:
+    """Whether a YAML value can fill a field of type `base` (strings are parsed later, as flags are)."""
+    if isinstance(value, str) or (value is None and optional):
+        return True
+    if isinstance(value, bool):
+        return base is bool
+    return isinstance(value, base) or (base is float and isinstance(value, int))
+
+
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="torchrun amapo_fast/train.py",
         description="Train a causal LM with AMaPO, an ablation, SimPO or DPO. Values: defaults < --config YAML < flags.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file of field: value (see configs/)")
+    add_debug_flag(parser)
     hints = typing.get_type_hints(TrainConfig)
     defaults = defaults or {}
     for spec in dataclasses.fields(TrainConfig):
@@ -148,34 +178,54 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     defaults = load_yaml(known.config) if known.config else {}
     args = vars(build_parser(defaults).parse_args(argv))
     args.pop("config")
+    args.pop("debug")
     return validate(TrainConfig(**args))
 
 
+def _refuse_unless(ok: bool, name: str, value, requirement: str):
+    if not ok:
+        raise UserError(f"--{name} {value}: {requirement}")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
-    """Clear errors for settings that cannot work, before any model or data is loaded."""
+    """Refuse settings that cannot work, before any model or data is loaded (comparisons are written so that
+    NaN fails them)."""
     positive = ("max_length", "max_prompt_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-                "gradient_accumulation_steps", "logging_steps")
+                "gradient_accumulation_steps", "logging_steps", "toy_num_train", "toy_num_eval", "learning_rate",
+                "beta", "adam_epsilon")
     for name in positive:
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{name}={getattr(config, name)}: must be positive")
+        value = getattr(config, name)
+        _refuse_unless(value > 0 and math.isfinite(value), name, value, "must be positive")
+    for name in ("max_train_samples", "max_eval_samples", "dataset_num_proc"):
+        value = getattr(config, name)
+        _refuse_unless(value is None or value > 0, name, value, "must be positive (or none)")
+    for name in ("eval_steps", "save_steps", "save_total_limit", "weight_decay", "max_grad_norm", "num_train_epochs"):
+        value = getattr(config, name)
+        _refuse_unless(0 <= value < math.inf, name, value, "must be >= 0")
+    for name in ("adam_beta1", "adam_beta2", "warmup_ratio", "eval_fraction"):
+        value = getattr(config, name)
+        _refuse_unless(0 <= value < 1, name, value, "must lie in [0, 1)")
+    _refuse_unless(0 <= config.label_smoothing <= 0.5, "label_smoothing", config.label_smoothing, "must lie in [0, 0.5]")
+    _refuse_unless(math.isfinite(config.gamma_beta_ratio), "gamma_beta_ratio", config.gamma_beta_ratio, "must be finite")
+    _refuse_unless(
+        config.max_steps >= -1, "max_steps", config.max_steps,
+        "must be a positive number of optimizer steps, or -1 to take num_train_epochs",
+    )
+    if config.max_steps <= 0 and config.num_train_epochs <= 0:
+        raise UserError("set --max_steps > 0 or --num_train_epochs > 0")
     if config.max_prompt_length >= config.max_length:
-        raise ValueError(
-            f"max_prompt_length={config.max_prompt_length} must be smaller than max_length={config.max_length}: "
+        raise UserError(
+            f"--max_prompt_length {config.max_prompt_length} must be smaller than --max_length {config.max_length}: "
             "a response needs room"
         )
-    if not 0.0 <= config.warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio={config.warmup_ratio}: must lie in [0, 1)")
-    if config.max_steps <= 0 and config.num_train_epochs <= 0:
-        raise ValueError("set max_steps > 0 or num_train_epochs > 0")
-    for name in ("eval_steps", "save_steps", "save_total_limit"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name}={getattr(config, name)}: must be >= 0")
+    if config.resume and config.overwrite_output_dir:
+        raise UserError("--resume continues the run in output_dir, --overwrite_output_dir deletes it: choose one")
     if config.eval_split in ("", "none"):
         config.eval_split = None
     return config

@@ -11,6 +11,8 @@ model the same way.
 """
 import contextlib
 import dataclasses
+import functools
+import math
 import os
 
 import torch
@@ -41,6 +43,7 @@ def init_distributed() -> DistEnv:
         if "RANK" in os.environ:  # launched by torchrun (or another launcher that sets the env:// variables)
             dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
         else:  # a plain `python amapo_fast/train.py`: a process group of one, no ports needed
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's zero.Init reads it, as torchrun would set it
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
@@ -98,10 +101,25 @@ class OptimConfig:
     cpu_offload: bool
 
 
-def cosine_schedule(optimizer, optim: OptimConfig):
-    from transformers import get_cosine_schedule_with_warmup
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor of the optimizer step that follows `step` scheduler steps (0-based).
 
-    return get_cosine_schedule_with_warmup(optimizer, optim.warmup_steps, optim.total_steps)
+    A linear warmup that starts above zero, (step + 1) / (warmup_steps + 1), then transformers' cosine decay.
+    transformers' `get_cosine_schedule_with_warmup` starts its warmup at exactly 0, so the first optimizer
+    step of every warmed-up run would leave the weights unchanged, and a short run (one step with warmup 1)
+    would not train at all.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def cosine_schedule(optimizer, optim: OptimConfig):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    factor = functools.partial(warmup_cosine_factor, warmup_steps=optim.warmup_steps, total_steps=optim.total_steps)
+    return LambdaLR(optimizer, factor)
 
 
 class Fsdp2Engine:

@@ -1,8 +1,7 @@
 """Ranking accuracy (paper eq. 4), the paper's own yardstick: `python -m amapo_fast.evaluate`.
 
 A pair is ranked correctly when the policy gives the chosen response a strictly higher average
-response log-prob than the rejected one (SPEC section 1: mean over response tokens, no reference
-model). Log-probs come from the fused head (`sequence_logps`: no [tokens x vocab] logits), batched,
+response log-prob than the rejected one (the mean over response tokens, no reference model). Log-probs come from the fused head (`sequence_logps`: no [tokens x vocab] logits), batched,
 under no-grad, with the training tokenization (`data.tokenize_preference_dataset`).
 
 Library entry points (stable; the trainer's periodic evaluation calls them):
@@ -35,6 +34,16 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import rmbench
+from .cli import (
+    ArgumentParser,
+    HelpFormatter,
+    UserError,
+    add_debug_flag,
+    check_output_dir,
+    exits_cleanly_on_user_errors,
+    require_existing_if_local,
+    user_errors,
+)
 
 # Two-sided 95% normal quantile, for the Wilson score interval.
 Z_95 = 1.959963984540054
@@ -187,7 +196,7 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
 def ranking_summary(scores: PairScores, beta: float = 1.0) -> dict:
     """Ranking accuracy (ties count as wrong) with its 95% Wilson interval, and the mean reward margin.
 
-    The reward is beta times the average log-prob (SPEC section 1), so the margin is beta * (s(c) - s(r));
+    The reward is beta times the average log-prob (as in SimPO and AMaPO), so the margin is beta * (s(c) - s(r));
     with beta = 1 it is in nats per token.
     """
     if len(scores) == 0:
@@ -377,35 +386,80 @@ def write_reports(report: dict, output_dir: str) -> list[str]:
 
 # --- command line ----------------------------------------------------------------------------------------
 
+def _positive(parse):
+    def parse_positive(text):
+        value = parse(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse_positive.__name__ = parse.__name__  # argparse names the expected type after it
+    return parse_positive
+
+
+DESCRIPTION = """\
+Ranking accuracy of one or several models: the fraction of preference pairs whose chosen response gets a
+strictly higher average response log-prob than the rejected one, with its 95% Wilson interval, the mean
+reward margin and per-subset figures (a 'subset' or 'domain' column, or --subset-column).
+
+Data: any format the trainer takes (chosen/rejected message lists, or prompt + chosen/rejected strings or
+messages). RM-Bench-format data is recognised by its columns: a string 'prompt', 'chosen' and 'rejected' as
+lists of three responses (concise, detailed, detailed with markdown) and a 'domain'; it also gets RM-Bench's
+easy / normal / hard accuracies and per-domain averages (as in the AMaPO paper's Table 3).
+"""
+
+EPILOG = """\
+examples:
+  python -m amapo_fast.evaluate --model outputs/amapo-toy/final --dataset toy --max-length 128 --max-prompt-length 64
+  python -m amapo_fast.evaluate --model DIR --dataset HuggingFaceH4/ultrafeedback_binarized --split "test_prefs[:500]"
+  torchrun --nproc_per_node 8 -m amapo_fast.evaluate --compare BASE DIR --dataset THU-KEG/RM-Bench --split train
+"""
+
+
 def parse_args(argv=None):
     from .config import TrainConfig
     from .loss import IMPLS
 
-    parser = argparse.ArgumentParser(
-        prog="python -m amapo_fast.evaluate",
-        description="Ranking accuracy (average response log-prob of chosen > rejected) of one or several models.",
+    parser = ArgumentParser(
+        prog="python -m amapo_fast.evaluate", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
+    positive_int, positive_float = _positive(int), _positive(float)
     models = parser.add_mutually_exclusive_group(required=True)
     models.add_argument("--model", help="hub name or local folder of a causal LM; 'toy': the trainer's initial model")
     models.add_argument("--compare", nargs="+", metavar="MODEL", help="several models, side by side in one table")
-    parser.add_argument("--dataset", required=True, help="hub name, local json/jsonl/parquet file or folder; 'toy'")
-    parser.add_argument("--split", default="test_prefs", help="split (slicing works: 'test_prefs[:200]')")
+    parser.add_argument(
+        "--dataset", required=True,
+        help="hub name, local json/jsonl/parquet file or save_to_disk folder; 'toy': the trainer's held-out toy pairs",
+    )
+    parser.add_argument("--split", default="test_prefs", help="split (slicing works: 'test_prefs[:200]'); a local file is read as this split")
     parser.add_argument("--dataset-config", default=None, help="hub dataset config name")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to use for every model; default: each model's own")
-    parser.add_argument("--max-length", type=int, default=EvalSettings.max_length, help="prompt + response tokens")
+    parser.add_argument("--max-length", type=positive_int, default=EvalSettings.max_length, help="prompt + response tokens")
     parser.add_argument(
-        "--max-prompt-length", type=int, default=EvalSettings.max_prompt_length, help="prompts are cut from the left"
+        "--max-prompt-length", type=positive_int, default=EvalSettings.max_prompt_length,
+        help="prompts are cut from the left to this many tokens",
     )
-    parser.add_argument("--batch-size", type=int, default=EvalSettings.batch_size, help="pairs per forward, per device")
-    parser.add_argument("--beta", type=float, default=EvalSettings.beta, help="reward scale of the reported margin")
-    parser.add_argument("--subset-column", default=None, help=f"per-subset figures; default: first of {SUBSET_COLUMNS}")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU")
-    parser.add_argument("--impl", choices=IMPLS, default="auto", help="log-prob implementation (auto: triton on GPU)")
-    parser.add_argument("--attn-implementation", default="auto", help="auto: flash_attention_2 if installed, else sdpa")
-    parser.add_argument("--num-proc", type=int, default=None, help="processes for tokenization")
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the toy init (trainer's)")
+    parser.add_argument("--batch-size", type=positive_int, default=EvalSettings.batch_size, help="pairs per forward, per device")
+    parser.add_argument("--beta", type=positive_float, default=EvalSettings.beta, help="reward scale of the reported margin (1: nats per token)")
+    parser.add_argument("--subset-column", default=None, help=f"per-subset figures; default: the first of {SUBSET_COLUMNS} present")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--impl", choices=IMPLS, default="auto", help="log-prob implementation (auto: triton on GPU, chunked on CPU)")
+    parser.add_argument(
+        "--attn-implementation", choices=("auto", "flash_attention_2", "sdpa", "eager"), default="auto",
+        help="auto: flash_attention_2 if installed, else sdpa",
+    )
+    parser.add_argument("--num-proc", type=positive_int, default=None, help="processes for tokenization")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the toy model's init (the trainer's)")
     parser.add_argument("--output-dir", default="outputs/eval", help=f"where {' and '.join(RESULT_FILES)} go")
-    return parser.parse_args(argv)
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.max_prompt_length >= args.max_length:
+        raise UserError(
+            f"--max-prompt-length {args.max_prompt_length} must be smaller than --max-length {args.max_length}: "
+            "a response needs room"
+        )
+    return args
 
 
 def _load_eval_dataset(args):
@@ -423,6 +477,7 @@ def _label(name_or_path: str) -> str:
     return os.path.normpath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
 
 
+@exits_cleanly_on_user_errors
 def main(argv=None) -> dict:
     """Evaluate every model on the dataset; rank 0 writes the reports. Returns the report dict."""
     from transformers import set_seed
@@ -434,7 +489,14 @@ def main(argv=None) -> dict:
     names = args.compare or [args.model]
     labels = [_label(name) for name in names]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--compare names a model twice: {labels}")
+        raise UserError(f"--compare names a model twice: {labels}")
+    # Paths are checked before any model loads, not after the evaluation ran.
+    check_output_dir(args.output_dir, "--output-dir")
+    for name in names + [args.tokenizer] * bool(args.tokenizer):
+        if name != "toy":
+            require_existing_if_local(name, "--compare" if args.compare else "--model")
+    if args.dataset != "toy":
+        require_existing_if_local(args.dataset, "--dataset")
     settings = EvalSettings(
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
         beta=args.beta, subset_column=args.subset_column, num_proc=args.num_proc,
@@ -443,7 +505,8 @@ def main(argv=None) -> dict:
     env = init_distributed()
     try:
         bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
-        dataset = _load_eval_dataset(args)
+        with user_errors(ValueError, OSError, KeyError, prefix=f"dataset {args.dataset}: "):
+            dataset = _load_eval_dataset(args)
         report = {
             "dataset": args.dataset, "split": "held-out" if args.dataset == "toy" else args.split,
             "settings": dataclasses.asdict(settings),
@@ -451,13 +514,16 @@ def main(argv=None) -> dict:
             "models": {},
         }
         for name, label in zip(names, labels):
-            tokenizer = load_tokenizer(args.tokenizer or name)
+            with user_errors(OSError, ValueError, prefix=f"tokenizer {args.tokenizer or name}: "):
+                tokenizer = load_tokenizer(args.tokenizer or name)
             set_seed(args.seed)  # 'toy' is then the trainer's initial model
             policy = load_policy(
                 name, tokenizer=tokenizer, dtype=torch.bfloat16 if bf16 else torch.float32,
                 attn_implementation=args.attn_implementation, impl=args.impl,
             ).to(env.device)
-            report["models"][label] = evaluate_dataset(policy, tokenizer, dataset, settings, desc=label)
+            # Unusable data (missing columns, no usable row, an unknown --subset-column) is the user's to fix.
+            with user_errors(ValueError, prefix=f"dataset {args.dataset}: "):
+                report["models"][label] = evaluate_dataset(policy, tokenizer, dataset, settings, desc=label)
             del policy
         if env.is_main:
             paths = write_reports(report, args.output_dir)

@@ -1,7 +1,7 @@
 """The trainer: `torchrun [--nproc_per_node N] amapo_fast/train.py [--config configs/X.yaml] [--field value ...]`.
 
 With no arguments it trains the embedded default (a tiny Llama on generated string-edit pairs, see toy.py)
-on CPU in about a minute and prints held-out ranking accuracy before and after. The loop: tokenized
+on CPU in well under a minute and prints held-out ranking accuracy before and after. The loop: tokenized
 preference pairs -> PreferencePolicy (backbone + fused loss head) under FSDP2 or DeepSpeed ZeRO-3 ->
 AdamW, cosine schedule, accumulation, clipping; metrics averaged over ranks to stdout, JSONL and
 optionally TensorBoard / W&B; atomic sharded checkpoints; a from_pretrained folder at the end.
@@ -16,10 +16,14 @@ if __name__ == "__main__" and not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _package_dir]
     sys.path.insert(0, os.path.dirname(_package_dir))
 
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
+import glob  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -27,6 +31,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from amapo_fast.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_pretrained  # noqa: E402
+from amapo_fast.cli import (  # noqa: E402
+    UserError,
+    check_output_dir,
+    exits_cleanly_on_user_errors,
+    require_existing_if_local,
+    user_errors,
+)
 from amapo_fast.config import TrainConfig, parse_config  # noqa: E402
 from amapo_fast.data import (  # noqa: E402
     REF_COLUMNS,
@@ -44,38 +55,85 @@ from amapo_fast.distributed import (  # noqa: E402
     peak_memory_gib,
 )
 from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  # noqa: E402
+from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
-from amapo_fast.objective import METRIC_KEYS, preference_objective  # noqa: E402
+from amapo_fast.objective import preference_objective  # noqa: E402
 
 LOG_FILE = "log.jsonl"
+# What an earlier run leaves in output_dir; --overwrite_output_dir removes exactly these.
+RUN_OUTPUTS = (LOG_FILE, "checkpoint-*", "final", "tensorboard")
+# A run of fewer optimizer steps than this gets a warning: it can hardly learn anything.
+FEW_STEPS = 10
 
 
-def load_splits(config: TrainConfig, tokenizer):
-    """Tokenized (train, eval or None) datasets; tokenization runs once per node, the other ranks read the cache."""
+@dataclasses.dataclass
+class PreferenceSplits:
+    """The tokenized training and held-out sets, and where their rows came from (for the start-up summary)."""
+
+    train: object
+    held_out: object | None
+    train_rows_read: int
+    held_out_rows_read: int
+    held_out_source: str
+
+
+def _raw_splits(config: TrainConfig):
+    """(train rows, held-out rows or None, where the held-out rows come from) before tokenization."""
     if config.dataset_name == TOY:
         from amapo_fast.toy import make_toy_preference_dataset
 
         train = make_toy_preference_dataset(config.toy_num_train, seed=config.seed)
-        held_out = make_toy_preference_dataset(config.toy_num_eval, seed=config.seed + 1) if config.eval_split else None
-    else:
-        train = load_preference_dataset(config.dataset_name, config.train_split, config.dataset_config_name)
-        held_out = None
-        if config.eval_split:
-            held_out = load_preference_dataset(config.dataset_name, config.eval_split, config.dataset_config_name)
-    splits = []
+        if not config.eval_split:
+            return train, None, "none (--eval_split none)"
+        return train, make_toy_preference_dataset(config.toy_num_eval, seed=config.seed + 1), "generated"
+    train = load_preference_dataset(config.dataset_name, config.train_split, config.dataset_config_name)
+    if not config.eval_split:
+        return train, None, "none (--eval_split none)"
+    if os.path.isfile(config.dataset_name):
+        # One file holds one split: hold a seeded slice out instead of evaluating on the training rows.
+        if config.eval_fraction == 0:
+            return train, None, "none (a single file and --eval_fraction 0)"
+        if len(train) * (1 - config.eval_fraction) < 1:
+            raise UserError(
+                f"dataset {config.dataset_name}: {len(train)} row(s) are too few to hold a fraction out; add rows, "
+                "or pass --eval_fraction 0 to train on them without evaluation"
+            )
+        parts = train.train_test_split(test_size=config.eval_fraction, seed=config.seed)
+        source = (
+            f"a seeded {config.eval_fraction:.0%} of the file's {len(train)} rows: --eval_fraction "
+            f"{config.eval_fraction:g}; 0 trains on every row without evaluation"
+        )
+        return parts["train"], parts["test"], source
+    held_out = load_preference_dataset(config.dataset_name, config.eval_split, config.dataset_config_name)
+    return train, held_out, f"split {config.eval_split!r}"
+
+
+def load_splits(config: TrainConfig, tokenizer) -> PreferenceSplits:
+    """Tokenized training and held-out sets; tokenization runs once per node, the other ranks read the cache.
+
+    Every data problem (a bad path or split, a missing column, an empty file, no usable row) is the user's
+    to fix, so it ends the run with one line naming the dataset."""
+    if config.dataset_name != TOY:
+        require_existing_if_local(config.dataset_name, "--dataset_name")
+    data_errors = functools.partial(user_errors, ValueError, OSError, KeyError, prefix=f"dataset {config.dataset_name}: ")
+    with data_errors():
+        train, held_out, held_out_source = _raw_splits(config)
+    read, tokenized = [], []
     for dataset, limit in ((train, config.max_train_samples), (held_out, config.max_eval_samples)):
         if dataset is None:
-            splits.append(None)
+            read.append(0)
+            tokenized.append(None)
             continue
         if limit is not None:
             dataset = dataset.select(range(min(limit, len(dataset))))
-        with local_main_first():
-            splits.append(
+        read.append(len(dataset))
+        with local_main_first(), data_errors():
+            tokenized.append(
                 tokenize_preference_dataset(
                     dataset, tokenizer, config.max_length, config.max_prompt_length, num_proc=config.dataset_num_proc
                 )
             )
-    return splits
+    return PreferenceSplits(tokenized[0], tokenized[1], read[0], read[1], held_out_source)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -121,14 +179,20 @@ class MicroBatches:
 
 
 class MetricWindow:
-    """Sums of the loss, the SPEC metrics and token counts since the last log, reduced over ranks on demand."""
+    """Sums of the loss, the loss's metrics and token counts since the last log, reduced over ranks on demand.
+
+    The metric names are whatever the loss returns (taken from its first call), so a metric added to the loss
+    is logged without a change here. Tokens are also counted since the start of this process, for num_tokens.
+    """
 
     def __init__(self, device):
         self.device = device
+        self.keys = None
+        self.run_tokens = 0  # this rank's non-padding tokens since this process started training
         self.reset()
 
     def reset(self):
-        self.sums = torch.zeros(len(METRIC_KEYS) + 1, dtype=torch.float64, device=self.device)
+        self.sums = None
         self.micro_batches, self.tokens, self.seconds = 0, 0, 0.0
 
     def add_time(self, seconds: float):
@@ -136,31 +200,67 @@ class MetricWindow:
         self.seconds += seconds
 
     def add(self, loss, metrics, tokens: int):
-        values = torch.stack([loss.detach().double()] + [metrics[key].double() for key in METRIC_KEYS])
-        self.sums += values.to(self.device)
+        if self.keys is None:
+            self.keys = list(metrics)
+        values = torch.stack([loss.detach().double()] + [metrics[key].double() for key in self.keys])
+        self.sums = values.to(self.device) if self.sums is None else self.sums + values.to(self.device)
         self.micro_batches += 1
         self.tokens += tokens
+        self.run_tokens += tokens
+
+    def global_run_tokens(self) -> int:
+        """Every rank's tokens since this process started training (a collective: every rank calls it)."""
+        return int(all_reduce_sum(torch.tensor([self.run_tokens], dtype=torch.float64, device=self.device)))
 
     def reduce(self) -> dict:
-        counts = torch.tensor([self.micro_batches, self.tokens], dtype=torch.float64, device=self.device)
+        counts = torch.tensor([self.micro_batches, self.tokens, self.run_tokens], dtype=torch.float64, device=self.device)
         sums, counts = all_reduce_sum(self.sums), all_reduce_sum(counts)
         means = (sums / counts[0]).tolist()
         # Ranks step in lockstep, so rank-local time is the window's time for the global token count.
-        logs = {"loss": means[0], **dict(zip(METRIC_KEYS, means[1:]))}
+        logs = {"loss": means[0], **dict(zip(self.keys, means[1:]))}
         logs["tokens_per_s"] = float(counts[1]) / max(self.seconds, 1e-9)
+        logs["run_tokens"] = int(counts[2])
         return logs
 
 
-class Loggers:
-    """Rank 0's sinks: stdout (through tqdm), output_dir/log.jsonl, and TensorBoard or W&B when asked."""
+# Stdout gets one short line per record; these keys (when present) and their labels, in this order.
+STEP_LINE = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
+             ("grad_norm", "grad_norm"), ("lr", "lr"), ("tokens_per_s", "tok/s"))
+EVAL_LINE = (("eval/ranking_accuracy", "ranking accuracy"), ("eval/loss", "loss"),
+             ("eval/rewards/margins", "margin"))
 
-    def __init__(self, config: TrainConfig, env: DistEnv):
+
+def _short_line(step: int, total_steps: int, values: dict) -> str:
+    """`step 10/100  loss 1.46  acc 0.688 ...`: a few figures that fit a terminal line; log.jsonl has them all."""
+    fields = EVAL_LINE if "eval/ranking_accuracy" in values else STEP_LINE
+    parts = [f"step {step}/{total_steps}" + (" eval" if fields is EVAL_LINE else "")]
+    for key, label in fields:
+        if key in values:
+            value = values[key]
+            parts.append(f"{label} {value:.3g}" if key not in ("loss", "eval/loss") else f"{label} {value:.4f}")
+    return "  ".join(parts)
+
+
+class Loggers:
+    """Rank 0's sinks: a short line on stdout (through tqdm), every value in output_dir/log.jsonl, and
+    TensorBoard or W&B when asked.
+
+    A fresh run starts log.jsonl empty; a resumed run keeps the records up to the step it resumes from and
+    drops the later ones (written after that checkpoint by the interrupted run), so every step appears once.
+    """
+
+    def __init__(self, config: TrainConfig, env: DistEnv, total_steps: int, start_step: int):
         self.enabled = env.is_main
+        self.total_steps = total_steps
         self.writer = self.wandb = None
         if not self.enabled:
             return
         os.makedirs(config.output_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(config.output_dir, LOG_FILE), "a", encoding="utf-8")
+        path = os.path.join(config.output_dir, LOG_FILE)
+        kept = _records_up_to(path, start_step) if start_step > 0 else []
+        self.jsonl = open(path, "w", encoding="utf-8")
+        self.jsonl.writelines(kept)
+        self.jsonl.flush()
         if config.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
@@ -174,7 +274,7 @@ class Loggers:
         if not self.enabled:
             return
         record = {"step": step, **values}
-        tqdm.write(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in record.items()))
+        tqdm.write(_short_line(step, self.total_steps, values))
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
@@ -193,9 +293,24 @@ class Loggers:
             self.wandb.finish()
 
 
+def _records_up_to(path: str, step: int) -> list[str]:
+    """The lines of a log.jsonl whose step is at most `step` (an unreadable last line, cut by a kill, is dropped)."""
+    if not os.path.isfile(path):
+        return []
+    kept = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    return kept
+
+
 @torch.no_grad()
 def evaluate_held_out(model, ref_model, dataset, collator, config: TrainConfig) -> dict:
-    """Held-out ranking accuracy (paper eq. 4: mean log-prob of chosen > rejected) and the SPEC metrics.
+    """Held-out ranking accuracy (paper eq. 4: mean log-prob of chosen > rejected) and the loss's metrics.
 
     Scores come from the evaluate module (every rank scores its share, gathered in dataset order); the
     metrics' AMaPO statistics are taken over the whole held-out set.
@@ -232,33 +347,54 @@ class Trainer:
     def __init__(self, config: TrainConfig, env: DistEnv):
         self.config, self.env = config, env
         set_seed(config.seed)
-        self.tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path)
-        self.train_set, self.eval_set = load_splits(config, self.tokenizer)
+        # Resolved before anything loads, so that a wrong --resume is one line at once.
+        self.resume_path = None
+        if config.resume:
+            with user_errors(FileNotFoundError):
+                self.resume_path = resolve_resume(config.resume, config.output_dir)
+        # The loss path this device will run ('auto' resolved); an impossible choice is refused before loading.
+        with user_errors(ValueError, prefix="--loss_impl: "):
+            self.loss_impl = resolve_impl(config.loss_impl, env.device)
+        tokenizer_name = config.tokenizer_name_or_path or config.model_name_or_path
+        for flag in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
+            if getattr(config, flag) not in (None, TOY):
+                require_existing_if_local(getattr(config, flag), f"--{flag}")
+        with user_errors(OSError, ValueError, prefix=f"tokenizer {tokenizer_name}: "):
+            self.tokenizer = load_tokenizer(tokenizer_name)
+        self.splits = load_splits(config, self.tokenizer)
+        self.train_set, self.eval_set = self.splits.train, self.splits.held_out
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packed=config.packed)
         self._plan_steps()
         self.bf16 = use_bf16(config, env)
         self._build_models()
-        self.loggers = Loggers(config, env)
+        if env.is_main:
+            self._print_summary()
 
     def _plan_steps(self):
         config = self.config
         accumulation = config.gradient_accumulation_steps
-        world_batch = self.env.world_size * config.per_device_train_batch_size
+        self.world_batch = self.env.world_size * config.per_device_train_batch_size
+        self.step_pairs = self.world_batch * accumulation
         # Micro-batches per epoch, whole optimizer steps only, so that epochs and steps line up.
-        self.micro_per_epoch = len(self.train_set) // world_batch // accumulation * accumulation
+        self.micro_per_epoch = len(self.train_set) // self.world_batch // accumulation * accumulation
         self.steps_per_epoch = self.micro_per_epoch // accumulation
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(self.train_set)} training pairs do not fill one optimizer step of {world_batch} pairs x "
-                f"{accumulation} accumulation steps"
+            raise UserError(
+                f"{len(self.train_set)} training pairs do not fill one optimizer step of {self.step_pairs} pairs "
+                f"({config.per_device_train_batch_size} per device x {self.env.world_size} process(es) x "
+                f"{accumulation} accumulation steps): lower --per_device_train_batch_size or "
+                "--gradient_accumulation_steps"
             )
         epochs_steps = math.ceil(config.num_train_epochs * self.steps_per_epoch)
         self.total_steps = config.max_steps if config.max_steps > 0 else epochs_steps
+        # At least the last step runs at the peak rate: a 1-step run is not spent warming up.
+        self.warmup_steps = min(math.ceil(config.warmup_ratio * self.total_steps), self.total_steps - 1)
+        self.pairs_left_out = len(self.train_set) - self.steps_per_epoch * self.step_pairs
 
     def _build_models(self):
         config = self.config
         if config.cpu_offload and self.env.device.type != "cuda":
-            raise ValueError("cpu_offload moves GPU state to the CPU; on a CPU-only machine everything is there already")
+            raise UserError("--cpu_offload moves GPU state to the CPU; on a CPU-only machine everything is there already")
         loss_kwargs = dict(
             beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
             gamma_beta_ratio=config.gamma_beta_ratio, stats_scope=config.stats_scope, impl=config.loss_impl,
@@ -268,7 +404,7 @@ class Trainer:
         optim = OptimConfig(
             learning_rate=config.learning_rate, weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
-            warmup_steps=math.ceil(config.warmup_ratio * self.total_steps), total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps, total_steps=self.total_steps,
             max_grad_norm=config.max_grad_norm, gradient_accumulation_steps=config.gradient_accumulation_steps,
             micro_batch_size=config.per_device_train_batch_size, bf16=self.bf16, cpu_offload=config.cpu_offload,
         )
@@ -288,20 +424,73 @@ class Trainer:
             reference_name = config.ref_model_name_or_path or config.model_name_or_path
             self.ref_model = self.engine.frozen(functools.partial(load, reference_name))
 
+    # --- start-up summary and warnings (rank 0) ---------------------------------------------------------
+
+    def _print_summary(self):
+        config, splits = self.config, self.splits
+        # ZeRO-3 partitions parameters in place; ds_numel is a parameter's whole size. FSDP2's DTensors report it.
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.parameters())
+        train_dropped = splits.train_rows_read - len(self.train_set)
+        held_out = "none" if self.eval_set is None else (
+            f"{len(self.eval_set)} pairs ({splits.held_out_source}"
+            + (f", {splits.held_out_rows_read - len(self.eval_set)} unusable rows dropped)"
+               if splits.held_out_rows_read > len(self.eval_set) else ")")
+        )
+        epochs = self.total_steps / self.steps_per_epoch
+        lines = [
+            ("model", f"{config.model_name_or_path} ({type(self.policy.causal_lm).__name__}, "
+                      f"{parameters / 1e6:.2f} M parameters)"),
+            ("training data", f"{config.dataset_name}: {len(self.train_set)} pairs ({train_dropped} unusable rows "
+                              "dropped)"),
+            ("held-out data", held_out),
+            ("loss", f"{config.loss_type}, beta {config.beta:g}, implementation {self.loss_impl}"),
+            ("processes", f"{self.env.world_size} on {self.env.device.type}, {config.backend}, "
+                          f"{'bf16' if self.bf16 else 'fp32'}"),
+            ("batch", f"{self.step_pairs} pairs per optimizer step ({config.per_device_train_batch_size} per device "
+                      f"x {self.env.world_size} process(es) x {config.gradient_accumulation_steps} accumulation)"),
+            ("steps", f"{self.total_steps} ({epochs:.3g} epoch(s) of {self.steps_per_epoch}), warmup "
+                      f"{self.warmup_steps}, peak lr {config.learning_rate:g}, cosine decay"),
+            ("output", config.output_dir + (f" (resuming from {self.resume_path})" if self.resume_path else "")),
+        ]
+        width = max(len(name) for name, _ in lines)
+        print("\n".join(f"{name:<{width}}  {text}" for name, text in lines), flush=True)
+        for warning in self._small_run_warnings():
+            print(f"warning: {warning}", flush=True)
+
+    def _small_run_warnings(self) -> list[str]:
+        config, warnings = self.config, []
+        if self.pairs_left_out:
+            warnings.append(
+                f"{self.pairs_left_out} of {len(self.train_set)} training pairs are left out of each epoch (a "
+                f"different random {self.pairs_left_out} each time): an epoch is made of whole optimizer steps "
+                f"of {self.step_pairs} pairs"
+            )
+        if self.total_steps < FEW_STEPS:
+            warnings.append(
+                f"this run has only {self.total_steps} optimizer step(s), too few to learn much: lower "
+                f"--per_device_train_batch_size (now {config.per_device_train_batch_size}) or raise "
+                "--num_train_epochs or --max_steps"
+            )
+        return warnings
+
+    # --- the loop -----------------------------------------------------------------------------------------
+
     def evaluate(self) -> dict:
         return evaluate_held_out(self.model, self.ref_model, self.eval_set, self.collator, self.config)
 
-    def resume(self) -> int:
-        path = resolve_resume(self.config.resume, self.config.output_dir)
-        step = load_checkpoint(self.engine, path, self.env.rank)["global_step"]
+    def resume(self) -> dict:
+        """Load the checkpoint found at start-up; returns its trainer state (global_step, num_tokens, ...)."""
+        state = load_checkpoint(self.engine, self.resume_path, self.env.rank)
         if self.env.is_main:
-            tqdm.write(f"resumed from {path} at step {step}")
-        return step
+            tqdm.write(f"resumed from {self.resume_path} at step {state['global_step']}")
+        return state
 
-    def train_step(self, stream, window: MetricWindow) -> float:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns the gradient norm."""
+    def train_step(self, stream, window: MetricWindow) -> tuple[float, float]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the gradient norm and the
+        learning rate this step used."""
         accumulation = self.config.gradient_accumulation_steps
         started = time.perf_counter()
+        lr = self.engine.lr  # the engine's step advances the schedule: read the rate this step applies first
         for micro in range(accumulation):
             batch = next(stream)
             tokens = count_tokens(batch)
@@ -314,11 +503,15 @@ class Trainer:
             window.add(loss, metrics, tokens)
         grad_norm = self.engine.step()
         window.add_time(time.perf_counter() - started)
-        return grad_norm
+        return grad_norm, lr
 
     def fit(self) -> dict:
         config = self.config
-        start_step = self.resume() if config.resume else 0
+        state = self.resume() if self.resume_path else {"global_step": 0}
+        start_step = state["global_step"]
+        # Tokens processed before this process started (TRL's num_tokens: every rank's non-padding tokens).
+        tokens_before = state.get("num_tokens", 0)
+        self.loggers = Loggers(config, self.env, self.total_steps, start_step)
         results = {"train_pairs": len(self.train_set), "total_steps": self.total_steps}
         if self.eval_set is not None and start_step == 0:
             before = self.evaluate()
@@ -337,11 +530,12 @@ class Trainer:
             dynamic_ncols=True,
         )
         for step in range(start_step + 1, self.total_steps + 1):
-            grad_norm = self.train_step(stream, window)
+            grad_norm, lr = self.train_step(stream, window)
             progress.update(1)
             if step % config.logging_steps == 0 or step == self.total_steps:
                 logs = window.reduce()
-                logs.update(grad_norm=grad_norm, lr=self.engine.lr, epoch=step / self.steps_per_epoch)
+                logs["num_tokens"] = tokens_before + logs.pop("run_tokens")
+                logs.update(grad_norm=grad_norm, lr=lr, epoch=step / self.steps_per_epoch)
                 logs["memory/peak_gib"] = peak_memory_gib(self.env.device)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs['tokens_per_s']:.0f}")
                 self.loggers.log(step, logs)
@@ -349,10 +543,10 @@ class Trainer:
             if self.eval_set is not None and config.eval_steps and step % config.eval_steps == 0 and step != self.total_steps:
                 self.loggers.log(step, self.evaluate())
             if config.save_steps and step % config.save_steps == 0:
-                save_checkpoint(
-                    self.engine, config.output_dir, step, {"global_step": step, "config": vars(config)},
-                    config.save_total_limit, self.env.rank,
-                )
+                trainer_state = {
+                    "global_step": step, "num_tokens": tokens_before + window.global_run_tokens(), "config": vars(config),
+                }
+                save_checkpoint(self.engine, config.output_dir, step, trainer_state, config.save_total_limit, self.env.rank)
         progress.close()
 
         if self.eval_set is not None:
@@ -373,14 +567,52 @@ class Trainer:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         save_pretrained(self.engine, self.policy, self.tokenizer, final_dir, dtype, self.env.rank)
         if self.env.is_main:
+            _readable_like_new_files(final_dir)
             print(f"saved the trained model to {final_dir} (AutoModelForCausalLM.from_pretrained loads it)")
 
 
+def _readable_like_new_files(directory: str):
+    """Give the saved files the permissions of any new file (0666 less the umask): transformers writes the
+    weights through a private temporary file, which leaves them readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
+# --- command line: settings and the output folder are checked before anything loads ------------------------
+
+
+def remove_earlier_run(output_dir: str):
+    """--overwrite_output_dir: remove what an earlier run left (log, checkpoints, final model, TensorBoard files);
+    other files in the folder stay."""
+    for pattern in RUN_OUTPUTS:
+        for path in glob.glob(os.path.join(output_dir, pattern)):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+@exits_cleanly_on_user_errors
 def main(argv: list[str] | None = None) -> dict:
     """Parse the settings, join the process group, train; returns the final results (ranking accuracy, eval metrics)."""
     config = parse_config(argv)
+    check_output_dir(
+        config.output_dir, "--output_dir", must_be_empty=not (config.resume or config.overwrite_output_dir),
+        empty_hint="; pass --overwrite_output_dir to replace it, --resume to continue it, or another --output_dir",
+    )
+    if config.backend == "deepspeed":
+        # DeepSpeed calls collectives that torch has deprecated; the FutureWarning would come back every step.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if not torch.cuda.is_available():
+        # transformers' save_pretrained imports DeepSpeed whenever it is installed, whatever the backend; without
+        # a GPU, DeepSpeed then warns that it falls back to the CPU. Name the CPU up front: it is expected here.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env = init_distributed()
     try:
+        if config.overwrite_output_dir and env.is_main:
+            remove_earlier_run(config.output_dir)
+        dist.barrier()
         return Trainer(config, env).fit()
     finally:
         dist.destroy_process_group()

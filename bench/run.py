@@ -160,6 +160,9 @@ def main(argv=None):
         log_path.unlink()
     print(files["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in files.values()))
+    if args.quick:
+        print("note: --quick times one tiny shape with 2 repeats to check that every path runs; its times and "
+              "ratios are dominated by noise and launch overhead: run without --quick for figures to compare")
     return files
 
 

@@ -104,11 +104,13 @@ def short_runs(tmp_path_factory):
 def test_embedded_default_learns(tmp_path):
     """`torchrun amapo_fast/train.py` with no arguments: held-out ranking accuracy goes from chance to well above.
 
-    Measured on this 2-core machine: 0.527 -> 0.891 (256 held-out pairs, 100 steps).
+    The README quotes this run's line; a different line here means the README needs the new one.
     """
     output = _run(1, [], tmp_path)
-    match = re.search(r"held-out ranking accuracy: ([\d.]+) -> ([\d.]+)", output)
+    match = re.search(r"held-out ranking accuracy: ([\d.]+) -> ([\d.]+) \(256 pairs\)", output)
     assert match, output[-3000:]
+    for doc in ("README.md", "docs/train.md"):
+        assert match.group(0) in (REPO / doc).read_text(), f"{doc} quotes another result than this run's"
     before, after = float(match.group(1)), float(match.group(2))
     assert 0.35 < before < 0.65, f"a random-init model should rank at chance, got {before}"
     assert after > 0.8 and after - before > 0.2, f"ranking accuracy {before} -> {after}"
@@ -155,6 +157,29 @@ def test_killed_run_resumes_exactly(short_runs, tmp_path, backend):
     resumed = _train_losses(output_dir)
     for step in range(resumed_at + 1, 9):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), f"step {step}"
+    # The log holds each step once (the killed run's records after its checkpoint are dropped), and the token
+    # count continues from the checkpoint.
+    logged_steps = [record["step"] for record in _records(output_dir) if "loss" in record]
+    assert logged_steps == list(range(1, 9))
+    final_count = [record["num_tokens"] for record in _records(output_dir) if "num_tokens" in record][-1]
+    uninterrupted_count = [r["num_tokens"] for r in _records(short_runs[backend, "chunked"]) if "num_tokens" in r][-1]
+    assert final_count == uninterrupted_count
+
+
+def test_num_tokens_counts_every_rank(short_runs):
+    """8 steps of 2 ranks x 8 pairs x 2 accumulation = the 256 toy pairs once: num_tokens is all their tokens."""
+    from amapo_fast.toy import build_toy_tokenizer
+
+    toy_pairs = make_toy_preference_dataset(256, seed=parse_config([]).seed)
+    pairs = tokenize_preference_dataset(toy_pairs, build_toy_tokenizer(), 128, 64)
+    # A sequence of n tokens feeds n - 1 inputs to the model (the last token is only a target).
+    expected = sum(
+        2 * len(prompt) + len(chosen) + len(rejected) - 2
+        for prompt, chosen, rejected in zip(pairs["prompt_input_ids"], pairs["chosen_input_ids"], pairs["rejected_input_ids"])
+    )
+    counts = [record["num_tokens"] for record in _records(short_runs["fsdp2", "chunked"]) if "loss" in record]
+    assert counts == sorted(counts) and counts[0] > 0
+    assert counts[-1] == expected
 
 
 def test_resume_ignores_half_written_checkpoints(tmp_path):
@@ -225,7 +250,7 @@ def test_settings_come_from_defaults_yaml_and_flags(tmp_path):
     config_file.write_text("betta: 3.0\n")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['betta'\]"):
         parse_config(["--config", str(config_file)])
-    with pytest.raises(ValueError, match="max_prompt_length=128 must be smaller than max_length=128"):
+    with pytest.raises(ValueError, match="--max_prompt_length 128 must be smaller than --max_length 128"):
         parse_config(["--max_prompt_length", "128"])
 
 

@@ -1,0 +1,115 @@
+"""What the command-line entry points share: user errors as one line, and checks of the output folder.
+
+A `UserError` is a mistake the user can fix (a path, a flag, a value, a column, an empty file): the command
+prints `error: <message>` once, from rank 0, and exits with status 2, without a traceback. Any other
+exception is a bug or an environment failure and keeps its traceback. `--debug` on the command line, or
+AMAPO_DEBUG=1 in the environment, shows the traceback of user errors too.
+"""
+import argparse
+import contextlib
+import functools
+import os
+import sys
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "AMAPO_DEBUG"
+USER_ERROR_EXIT = 2
+
+
+class UserError(ValueError):
+    """An error the user caused and can fix; its message is the whole story, one line. A ValueError, so that
+    library callers that catch bad values keep catching it."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes (unknown flag, bad value) are `UserError`s: one line, printed by rank 0 only."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (unless it has none) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_debug_flag(parser: argparse.ArgumentParser):
+    parser.add_argument(
+        DEBUG_FLAG, action="store_true", help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)"
+    )
+
+
+def debugging(argv=None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _rank() -> int:
+    """The global rank from torchrun's environment (valid before the process group exists), 0 without it."""
+    return int(os.environ.get("RANK", 0))
+
+
+def exits_cleanly_on_user_errors(main):
+    """Wrap a command's `main(argv=None)`: a `UserError` prints one line on rank 0 and exits with status 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as error:
+            if debugging(argv):
+                raise
+            if _rank() == 0:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(USER_ERROR_EXIT) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def user_errors(*types, prefix: str = ""):
+    """Exceptions of `types` raised inside the block (a library's reply to bad user input) become `UserError`s
+    carrying the first line of their message; the original stays chained for --debug."""
+    try:
+        yield
+    except UserError:
+        raise
+    except types as error:
+        lines = str(error).strip().splitlines()
+        raise UserError(prefix + (lines[0] if lines else type(error).__name__)) from error
+
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".yaml", ".yml")
+
+
+def require_existing_if_local(name: str, flag: str):
+    """A name that can only be a local path (it starts with '.', '/' or '~', or ends like a data file) must
+    exist; otherwise the hub is asked for it and answers with a confusing message about repository ids."""
+    if os.path.exists(name):
+        return
+    if name.startswith((".", "/", "~")) or name.lower().endswith(LOCAL_SUFFIXES):
+        raise UserError(f"{flag} {name}: no such file or folder")
+
+
+def check_output_dir(path: str, flag: str, *, must_be_empty: bool = False, empty_hint: str = ""):
+    """Refuse an output folder that cannot be used, before anything expensive runs.
+
+    Refused: a path that is a file, a path under a file, a folder (or its nearest existing parent) that this
+    process cannot write, and, with `must_be_empty`, a folder that already holds files.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: exists and is a file, not a folder")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: cannot create it, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable")
+    if must_be_empty and existing == path and os.listdir(path):
+        raise UserError(f"{flag} {path}: holds files of an earlier run{empty_hint}")

@@ -1,0 +1,262 @@
+"""What a new user meets first: one-line errors (under python and torchrun), refused settings and output
+folders before anything loads, a small local file that trains and holds rows out, the start-up summary,
+num_tokens in the log, and a warmup whose first step moves the weights."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amapo_fast import evaluate, train
+from amapo_fast.cli import UserError
+from amapo_fast.config import parse_config
+from amapo_fast.data import PreferenceCollator
+from amapo_fast.distributed import DistEnv, OptimConfig, cosine_schedule, warmup_cosine_factor
+from amapo_fast.toy import build_toy_tokenizer, make_toy_preference_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+# 20 rows, the size of a first try with one's own data: 2 held out, 18 to train, one step of 16 at the defaults.
+SMALL_ROWS = 20
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    make_toy_preference_dataset(SMALL_ROWS, seed=7).remove_columns(["task"]).to_json(str(path))
+    return path
+
+
+def _records(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _user_error(capsys, main, argv) -> str:
+    """Run a command's main; assert it exits with status 2 and one line on stderr; return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+# --- the learning-rate schedule ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 1), (1, 2), (10, 100), (0, 5), (3, 4)])
+def test_first_optimizer_step_has_a_positive_learning_rate(warmup, total):
+    optim = OptimConfig(3e-3, 0.0, (0.9, 0.999), 1e-8, warmup, total, 1.0, 1, 16, False, False)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=optim.learning_rate)
+    schedule = cosine_schedule(optimizer, optim)
+    rates = []
+    for _ in range(total):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert all(rate > 0 for rate in rates), rates
+    assert max(rates) == pytest.approx(3e-3)
+
+
+def test_after_warmup_the_schedule_is_transformers_cosine():
+    from transformers.optimization import _get_cosine_schedule_with_warmup_lr_lambda as transformers_cosine
+
+    for step in range(10, 100):
+        expected = transformers_cosine(step, num_warmup_steps=10, num_training_steps=100, num_cycles=0.5)
+        assert warmup_cosine_factor(step, 10, 100) == pytest.approx(expected)
+
+
+# --- one-line user errors, before anything loads --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--config", "missing.yaml"], "--config missing.yaml: No such file"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be positive"),
+        (["--max_steps", "-5"], "--max_steps -5: must be a positive number"),
+        (["--learning_rate", "nan"], "--learning_rate nan: must be positive"),
+        (["--learning_rate", "abc"], "invalid float value: 'abc'"),
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--dataset_name", "./missing.jsonl"], "--dataset_name ./missing.jsonl: no such file"),
+        (["--resume", "--overwrite_output_dir"], "choose one"),
+    ],
+)
+def test_train_user_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    assert expected in _user_error(capsys, train.main, argv + ["--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton path runs on a GPU")
+def test_triton_loss_on_a_cpu_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the test setup sets it; a user's shell would not
+    monkeypatch.setattr("amapo_fast.train.load_tokenizer", None)  # reached only if the check came too late
+    line = _user_error(capsys, train.main, ["--loss_impl", "triton", "--output_dir", str(tmp_path / "out")])
+    assert "--loss_impl: impl='triton' got tensors on cpu" in line
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [("beta: [1, 2]\n", "beta: expected type float, got [1, 2]"), ("max_length: 1.5\n", "max_length: expected type int"),
+     ("packed: 3\n", "packed: expected type bool"), ("beta: abc\n", "invalid float value: 'abc'"),
+     ("- beta\n", "expected a mapping"), ("beta: [\n", "not valid YAML")],
+)
+def test_config_file_mistakes_are_one_line(tmp_path, capsys, yaml_text, expected):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml_text)
+    assert expected in _user_error(capsys, train.main, ["--config", str(config_file)])
+
+
+@pytest.mark.parametrize("layout, expected", [("file", "is a file, not a folder"), ("under_file", "is a file")])
+def test_unusable_output_dir_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch, layout, expected):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    output_dir = blocker if layout == "file" else blocker / "run"
+    monkeypatch.setattr(train, "Trainer", None)  # reaching the Trainer would be a TypeError, not a user error
+    assert expected in _user_error(capsys, train.main, ["--output_dir", str(output_dir)])
+    monkeypatch.setattr("amapo_fast.model.load_policy", None)
+    line = _user_error(capsys, evaluate.main, ["--model", "toy", "--dataset", "toy", "--output-dir", str(output_dir)])
+    assert "--output-dir" in line and expected in line
+
+
+def test_evaluate_refuses_bad_numbers_at_parse_time(capsys):
+    line = _user_error(capsys, evaluate.main, ["--model", "toy", "--dataset", "toy", "--batch-size", "0"])
+    assert "--batch-size: must be positive, got 0" in line
+    line = _user_error(capsys, evaluate.main, ["--model", "toy", "--dataset", "toy", "--max-length", "64"])
+    assert "--max-prompt-length 1800 must be smaller than --max-length 64" in line
+
+
+def test_evaluate_help_shows_defaults_and_the_rmbench_format():
+    help_text = evaluate.parse_args.__globals__["DESCRIPTION"]
+    assert "RM-Bench-format data is recognised" in help_text
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+
+
+def test_debug_shows_the_traceback_and_internal_errors_keep_theirs(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="must be positive"):
+        train.main(["--per_device_train_batch_size", "0", "--debug"])
+    monkeypatch.setenv("AMAPO_DEBUG", "1")
+    with pytest.raises(UserError, match="must be positive"):
+        train.main(["--per_device_train_batch_size", "0"])
+    monkeypatch.delenv("AMAPO_DEBUG")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not the user's doing")
+
+    monkeypatch.setattr(train, "Trainer", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train.main(["--output_dir", str(tmp_path / "out")])
+
+
+def test_missing_column_is_one_line_under_torchrun(tmp_path):
+    """Two processes, the error found after the process group formed: one line (rank 0's), no worker frames."""
+    data = tmp_path / "no_rejected.jsonl"
+    make_toy_preference_dataset(8, seed=0).remove_columns(["rejected"]).to_json(str(data))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(REPO / "amapo_fast" / "train.py"), "--dataset_name", str(data),
+               "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "missing column(s) ['rejected']" in errors[0], output[-3000:]
+    # torchrun adds its own failure report (exit code 2), but no frame of our processes is shown.
+    assert "[rank" not in output and "amapo_fast" not in "".join(
+        line for line in output.splitlines() if line.strip().startswith("File ")
+    ), output[-3000:]
+
+
+# --- a small local file ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def process_group():
+    """A one-process group, as `python amapo_fast/train.py` forms (tokenization synchronises the ranks)."""
+    import torch.distributed as dist
+
+    from amapo_fast.distributed import init_distributed
+
+    init_distributed()
+    yield
+    dist.destroy_process_group()
+
+
+def test_local_file_gets_a_seeded_held_out_slice(small_file, process_group):
+    tokenizer = build_toy_tokenizer()
+    config = parse_config(["--dataset_name", str(small_file)])
+    splits = train.load_splits(config, tokenizer)
+    assert (len(splits.train), len(splits.held_out)) == (SMALL_ROWS - 2, 2)
+    train_rows = {tuple(row) for row in splits.train["chosen_input_ids"]}
+    assert not train_rows & {tuple(row) for row in splits.held_out["chosen_input_ids"]}
+    assert "--eval_fraction 0.1" in splits.held_out_source
+    again = train.load_splits(config, tokenizer)
+    assert again.held_out["chosen_input_ids"] == splits.held_out["chosen_input_ids"]  # seeded
+    larger = train.load_splits(parse_config(["--dataset_name", str(small_file), "--eval_fraction", "0.25"]), tokenizer)
+    assert len(larger.held_out) == 5
+    everything = train.load_splits(parse_config(["--dataset_name", str(small_file), "--eval_fraction", "0"]), tokenizer)
+    assert everything.held_out is None and len(everything.train) == SMALL_ROWS
+
+
+def test_small_file_trains_warns_and_logs_num_tokens(small_file, tmp_path, capsys):
+    """20 rows at the defaults: one optimizer step, which must move the weights, with its caveats said."""
+    output_dir = tmp_path / "run"
+    argv = ["--dataset_name", str(small_file), "--output_dir", str(output_dir), "--save_final", "false"]
+    results = train.main(argv)
+    stdout = capsys.readouterr().out
+    assert "held-out data  2 pairs (a seeded 10% of the file's 20 rows" in stdout
+    assert "2 of 18 training pairs are left out of each epoch" in stdout
+    assert "only 1 optimizer step(s)" in stdout
+    assert "batch          16 pairs per optimizer step" in stdout
+    records = _records(output_dir)
+    before, step, after = records
+    assert (before["step"], step["step"], after["step"]) == (0, 1, 1)
+    assert step["lr"] == pytest.approx(3e-3)  # a 1-step run is not spent warming up
+    assert after["eval/loss"] != pytest.approx(before["eval/loss"], abs=1e-6)
+    assert results["ranking_accuracy_before"] is not None
+
+    # num_tokens: the non-padding tokens of the one batch the step took, rebuilt from the same seeded order.
+    config = parse_config(argv)
+    train.init_distributed()
+    try:
+        train_set = train.load_splits(config, build_toy_tokenizer()).train
+    finally:
+        train.dist.destroy_process_group()
+    collator = PreferenceCollator(build_toy_tokenizer().pad_token_id)
+    batches = train.MicroBatches(train_set, collator, DistEnv(0, 1, 0, torch.device("cpu")), 16, config.seed, 1)
+    assert step["num_tokens"] == train.count_tokens(next(batches.iterate(0)))
+
+
+def test_output_dir_of_an_earlier_run_is_refused_unless_overwritten(small_file, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    argv = ["--dataset_name", str(small_file), "--output_dir", str(output_dir), "--save_final", "false",
+            "--eval_fraction", "0"]
+    train.main(argv)
+    (output_dir / "notes.txt").write_text("mine")
+    assert "holds files of an earlier run" in _user_error(capsys, train.main, argv)
+    train.main(argv + ["--overwrite_output_dir"])
+    assert [record["step"] for record in _records(output_dir)] == [1]  # the earlier run's record is gone
+    assert (output_dir / "notes.txt").read_text() == "mine"  # files that are not a run's output stay
+
+
+def test_resumed_log_keeps_each_step_once(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (0, 1, 2, 3)) + '{"step": 4, "lo')
+    assert [json.loads(line)["step"] for line in train._records_up_to(str(log), 2)] == [0, 1, 2]
+
+
+def test_readme_python_example_runs_as_written():
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["hidden"].grad is not None and namespace["lm_head"].weight.grad is not None
+
