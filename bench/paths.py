@@ -1,10 +1,10 @@
 """The loss layers being compared: lm_head + preference loss, forward and backward, on the same inputs.
 
 Each path is a function (hidden, weight, labels) -> scalar loss. Ours run AMaPO (the loss whose exact
-gradients need two passes, SPEC §2); Liger runs SimPO, the closest existing fused preference loss, with
+gradients need two passes over the logits); Liger runs SimPO, the closest existing fused preference loss, with
 the same cost profile apart from AMaPO's second pass.
 
-`flops_per_token_dv` is the issue's convention for achieved TFLOP/s: 8·N·D·V for our two-pass design,
+`flops_per_token_dv` is the convention for achieved TFLOP/s: 8·N·D·V for our two-pass design,
 6·N·D·V for the peers, where N is the number of tokens the path feeds its matmuls (`skips_prompt`:
 ours and cut-cross-entropy skip prompt and padding; the reference and Liger compute every position).
 """

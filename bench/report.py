@@ -143,7 +143,7 @@ def _verdict(ok):
 
 
 def goals(cases, env) -> list:
-    """Where this run stands against the issue's goals; a goal whose cases were not run says so."""
+    """Where this run stands against the project's speed and memory goals; a goal whose cases were not run says so."""
     results = []
     if env["device"] == "cpu" and env["dtype"] == "fp32":
         where = dict(tokens=4096, seq_len=512, hidden=256, vocab=32000)
@@ -257,7 +257,7 @@ def render_markdown(env, cases, skipped, goal_rows, png_name) -> str:
     if skipped:
         parts.append("\nNot run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + "\n")
     if goal_rows:
-        parts.append("\n## Goals (issue 4)\n\n| goal | measured | status |\n|---|---|---|\n")
+        parts.append("\n## Goals\n\n| goal | measured | status |\n|---|---|---|\n")
         parts.extend(f"| {g['goal']} | {g['measured']} | {g['status']} |\n" for g in goal_rows)
     parts.append(f"\n![time and memory against N]({png_name})\n")
     return "".join(parts)

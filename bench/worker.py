@@ -7,7 +7,7 @@ more and returns freed memory to the kernel, so the resident-set high-water mark
 allocate many temporaries. On GPU the caching allocator's peak is reset per case.
 A fresh process per group also means a kernel fault or an OOM stops one group, not the run.
 
-Usage: python bench/worker.py SPEC.json   (SPEC = {"device", "dtype", "reps", "warmup", "budget_s", "cases"})
+Usage: python bench/worker.py PLAN.json   (PLAN = {"device", "dtype", "reps", "warmup", "budget_s", "cases"})
 Prints `@@result {json}` per case and phase on stdout (the driver merges them); logs go to stderr.
 """
 import ctypes

@@ -80,7 +80,7 @@ class UltraFeedbackLengths:
     stores the prompt 4 times (prompt, chosen[0], rejected[0], messages[0]), the chosen answer twice
     and the rejected answer once: 4*180 + 3*307 = 1641 tokens at ~4 characters per token = 6,564
     bytes, within 2% of the card. See docs/bench.md; replace with measured figures when available.
-    Truncation follows the authors' recipe (SPEC §5): the prompt is cut from the left to max_prompt,
+    Truncation follows the authors' recipe: the prompt is cut from the left to max_prompt,
     then the answer to max_len - prompt; rows are padded to the batch's T.
     """
 
