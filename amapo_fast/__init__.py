@@ -1,5 +1,5 @@
 """amapo-fast: fused AMaPO / SimPO / DPO preference losses from hidden states, and a lean trainer."""
-from .loss import IMPLS, LinearPreferenceHead, linear_preference_loss, sequence_logps
+from .loss import IMPLS, LinearPreferenceHead, ResponseTokens, linear_preference_loss, sequence_logps
 from .objective import LOSS_TYPES, METRIC_KEYS, preference_objective
 
 __all__ = [
@@ -7,6 +7,7 @@ __all__ = [
     "LOSS_TYPES",
     "METRIC_KEYS",
     "LinearPreferenceHead",
+    "ResponseTokens",
     "linear_preference_loss",
     "preference_objective",
     "sequence_logps",

@@ -16,7 +16,7 @@ from .objective import LOSS_TYPES, STATS_SCOPES
 
 BACKENDS = ("fsdp2", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")
-ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
@@ -47,6 +47,11 @@ class TrainConfig:
     max_prompt_length: int = _field(64, "prompts longer than this are truncated from the left")
     dataset_num_proc: int | None = _field(None, "processes for tokenization (datasets' map)")
     packed: bool = _field(False, "padding-free batches: sequences concatenated, varlen attention via position_ids")
+    prefix_sharing: bool = _field(
+        True,
+        "each pair as one sequence [prompt | chosen | rejected], its prompt computed once (exact; attention through "
+        "sdpa with a mask, FlexAttention on GPU); combines with --packed",
+    )
 
     # Loss (see the README for the exact formulas).
     loss_type: str = _field("amapo", "AMaPO, an ablation of it, SimPO or DPO", LOSS_TYPES)
@@ -59,8 +64,15 @@ class TrainConfig:
     # Model loading and scale.
     backend: str = _field("fsdp2", "distributed backend", BACKENDS)
     precision: str = _field("auto", "auto = bf16 on CUDA, fp32 on CPU", PRECISIONS)
-    attn_implementation: str = _field("auto", "auto = flash_attention_2 when installed, else sdpa", ATTN_IMPLEMENTATIONS)
+    attn_implementation: str = _field(
+        "auto", "auto = flash_attention_2 when installed, else sdpa; with prefix sharing flex_attention on GPU, sdpa elsewhere",
+        ATTN_IMPLEMENTATIONS,
+    )
     gradient_checkpointing: bool = _field(False, "recompute decoder layers in backward to save memory")
+    liger_kernels: bool = _field(
+        True, "Liger-Kernel's RMSNorm, SwiGLU/GeGLU and RoPE kernels (Llama, Mistral, Qwen2, Gemma) on CUDA when "
+        "liger-kernel is installed; a no-op on CPU"
+    )
     cpu_offload: bool = _field(False, "offload parameters and optimizer state to CPU (FSDP2 CPUOffloadPolicy / ZeRO-3)")
 
     # Optimisation.

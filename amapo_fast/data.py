@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from . import prefix
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -237,14 +239,17 @@ class PreferenceCollator:
       padded: `input_ids`, `attention_mask`, `labels` of shape [2B, T] (right padding).
       packed: every sequence concatenated into one row, no padding: `input_ids`, `position_ids`, `labels`
               of shape [1, N] and `cu_seqlens` [2B + 1] (int32) for the packed loss and varlen attention.
+      prefix_sharing: each pair as one block [prompt | chosen | rejected] whose prompt is computed once
+              (see prefix.py for the keys); one pair per padded row, or with packed several pairs per row.
     `ref_logps` [2B] is added when the rows carry precomputed DPO reference log-probs.
     """
 
-    def __init__(self, pad_token_id: int, packed: bool = False):
+    def __init__(self, pad_token_id: int, packed: bool = False, prefix_sharing: bool = False):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: give the tokenizer a pad token (the trainer falls back to EOS)")
         self.pad_token_id = int(pad_token_id)
         self.packed = packed
+        self.prefix_sharing = prefix_sharing
 
     @staticmethod
     def _sequences(rows):
@@ -260,8 +265,15 @@ class PreferenceCollator:
     def __call__(self, rows):
         if not rows:
             raise ValueError("PreferenceCollator got an empty list of rows")
-        sequences = self._sequences(rows)
-        batch = self._packed(sequences) if self.packed else self._padded(sequences)
+        if self.prefix_sharing:
+            pairs = [
+                (list(row["prompt_input_ids"]), list(row["chosen_input_ids"]), list(row["rejected_input_ids"]))
+                for row in rows
+            ]
+            batch = prefix.collate(pairs, self.pad_token_id, self.packed)
+        else:
+            sequences = self._sequences(rows)
+            batch = self._packed(sequences) if self.packed else self._padded(sequences)
         if REF_COLUMNS[0] in rows[0]:
             batch["ref_logps"] = torch.tensor(
                 [row[REF_COLUMNS[0]] for row in rows] + [row[REF_COLUMNS[1]] for row in rows], dtype=torch.float32

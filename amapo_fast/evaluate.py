@@ -233,6 +233,7 @@ class EvalSettings:
     beta: float = 1.0
     subset_column: str | None = None
     num_proc: int | None = None
+    prefix_sharing: bool = True  # each pair's prompt computed once (exact, see prefix.py)
 
 
 def _tokenize_by_group(pairs, groups, tokenizer, settings: EvalSettings):
@@ -260,7 +261,8 @@ def _tokenize_by_group(pairs, groups, tokenizer, settings: EvalSettings):
 def _score_tokenized(model, tokenized, tokenizer, settings: EvalSettings, desc: str) -> PairScores:
     from .data import PreferenceCollator
 
-    loader = eval_dataloader(tokenized, PreferenceCollator(tokenizer.pad_token_id), settings.batch_size)
+    collator = PreferenceCollator(tokenizer.pad_token_id, prefix_sharing=settings.prefix_sharing)
+    loader = eval_dataloader(tokenized, collator, settings.batch_size)
     return score_pairs(model, loader, desc=desc)
 
 
@@ -446,10 +448,14 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--impl", choices=IMPLS, default="auto", help="log-prob implementation (auto: triton on GPU, chunked on CPU)")
     parser.add_argument(
-        "--attn-implementation", choices=("auto", "flash_attention_2", "sdpa", "eager"), default="auto",
-        help="auto: flash_attention_2 if installed, else sdpa",
+        "--attn-implementation", choices=("auto", "flash_attention_2", "sdpa", "eager", "flex_attention"), default="auto",
+        help="auto: flash_attention_2 if installed, else sdpa; with prefix sharing flex_attention on GPU, sdpa elsewhere",
     )
     parser.add_argument("--num-proc", type=positive_int, default=None, help="processes for tokenization")
+    parser.add_argument(
+        "--prefix-sharing", action=argparse.BooleanOptionalAction, default=EvalSettings.prefix_sharing,
+        help="score each pair as one sequence [prompt | chosen | rejected], its prompt computed once",
+    )
     parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the toy model's init (the trainer's)")
     parser.add_argument("--output-dir", default="outputs/eval", help=f"where {' and '.join(RESULT_FILES)} go")
     add_debug_flag(parser)
@@ -499,7 +505,7 @@ def main(argv=None) -> dict:
         require_existing_if_local(args.dataset, "--dataset")
     settings = EvalSettings(
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
-        beta=args.beta, subset_column=args.subset_column, num_proc=args.num_proc,
+        beta=args.beta, subset_column=args.subset_column, num_proc=args.num_proc, prefix_sharing=args.prefix_sharing,
     )
     owns_process_group = not dist.is_initialized()
     env = init_distributed()
@@ -519,7 +525,7 @@ def main(argv=None) -> dict:
             set_seed(args.seed)  # 'toy' is then the trainer's initial model
             policy = load_policy(
                 name, tokenizer=tokenizer, dtype=torch.bfloat16 if bf16 else torch.float32,
-                attn_implementation=args.attn_implementation, impl=args.impl,
+                attn_implementation=args.attn_implementation, impl=args.impl, prefix_sharing=settings.prefix_sharing,
             ).to(env.device)
             # Unusable data (missing columns, no usable row, an unknown --subset-column) is the user's to fix.
             with user_errors(ValueError, prefix=f"dataset {args.dataset}: "):

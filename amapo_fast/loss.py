@@ -47,7 +47,12 @@ def _backend(impl: str):
 
 
 class ResponseTokens:
-    """The response tokens of a batch, flattened: which rows of hidden they are and which sequence owns them."""
+    """The response tokens of a batch, flattened: which rows of hidden they are and which sequence owns them.
+
+    Built from labels (one label per hidden row), or with `from_index` from an explicit token list, where one
+    hidden row may predict tokens of several sequences (prefix sharing: the last prompt position predicts the
+    first token of both responses).
+    """
 
     def __init__(self, labels, ignore_index, cu_seqlens):
         flat_labels = labels.reshape(-1)
@@ -67,6 +72,29 @@ class ResponseTokens:
         self.counts = torch.zeros(rows, dtype=torch.long, device=labels.device).index_add_(
             0, self.sequence, torch.ones_like(self.sequence)
         )
+
+    @classmethod
+    def from_index(cls, positions, targets, sequence, num_rows: int, num_positions: int):
+        """Response tokens given as a list: hidden row (index into hidden.reshape(-1, D)), target token and
+        owning sequence (0..num_rows-1: chosen rows, then rejected rows) of each; a row may appear twice."""
+        for name, tensor in (("positions", positions), ("targets", targets), ("sequence", sequence)):
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or tensor.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"token index: {name} must be a 1-D int32/int64 tensor")
+            if tensor.shape != positions.shape or tensor.device != positions.device:
+                raise ValueError(
+                    f"token index: {name} has shape {tuple(tensor.shape)} on {tensor.device}, positions has "
+                    f"{tuple(positions.shape)} on {positions.device}"
+                )
+        for name, tensor, bound in (("positions", positions, num_positions), ("sequence", sequence, num_rows)):
+            if tensor.numel() and bool(((tensor < 0) | (tensor >= bound)).any()):
+                raise ValueError(f"token index: {name} must lie in [0, {bound}), got values {tensor.aminmax()}")
+        tokens = cls.__new__(cls)
+        tokens.positions, tokens.targets, tokens.sequence = positions.long(), targets.long(), sequence.long()
+        tokens.num_rows, tokens.num_positions = num_rows, num_positions
+        tokens.counts = torch.zeros(num_rows, dtype=torch.long, device=positions.device).index_add_(
+            0, tokens.sequence, torch.ones_like(tokens.sequence)
+        )
+        return tokens
 
     def gather(self, hidden):
         """The response tokens' hidden states [n_response, D] (a copy: prompt and padding are left behind)."""
@@ -118,7 +146,8 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         d_hidden = None
         if ctx.needs_input_grad[0]:
             d_hidden = d_response.new_zeros(tokens.num_positions, d_response.shape[1])
-            d_hidden.index_copy_(0, tokens.positions, d_response)
+            # Accumulate: under prefix sharing one hidden row predicts a token of each of two sequences.
+            d_hidden.index_add_(0, tokens.positions, d_response)
             d_hidden = d_hidden.reshape(ctx.hidden_shape)
         return (
             d_hidden,
@@ -130,9 +159,9 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         )
 
 
-def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
-    """Shape, dtype, device and label checks that name the offending tensor. Returns the number of rows."""
-    for name, tensor in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+def _validate_head(hidden, weight, bias):
+    """hidden, weight and bias: types, shapes, dtypes and devices, naming the offending tensor."""
+    for name, tensor in (("hidden", hidden), ("weight", weight)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if weight.dim() != 2:
@@ -142,15 +171,26 @@ def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
         raise ValueError(f"hidden's last dim is {hidden.shape[-1]} but weight is [V={vocab}, D={dim}]")
     if not hidden.dtype.is_floating_point or hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one floating dtype")
-    if labels.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
-    for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias), ("cu_seqlens", cu_seqlens)):
+    for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device}, hidden is on {hidden.device}")
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
     if bias is not None and bias.dtype != weight.dtype:
         raise ValueError(f"bias ({bias.dtype}) must have weight's dtype ({weight.dtype})")
+
+
+def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
+    """Shape, dtype, device and label checks that name the offending tensor. Returns the number of rows."""
+    _validate_head(hidden, weight, bias)
+    vocab = weight.shape[0]
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    for name, tensor in (("labels", labels), ("cu_seqlens", cu_seqlens)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device}, hidden is on {hidden.device}")
 
     if cu_seqlens is None:
         if hidden.dim() != 3:
@@ -185,6 +225,35 @@ def _check_pair_rows(rows):
         )
 
 
+def _validate_token_index(hidden, weight, bias, labels, cu_seqlens, tokens):
+    """Checks of an explicit token list (`token_index`), in place of labels. Returns the number of rows."""
+    _validate_head(hidden, weight, bias)
+    if labels is not None or cu_seqlens is not None:
+        raise ValueError("token_index replaces labels and cu_seqlens: pass labels=None and no cu_seqlens with it")
+    if not isinstance(tokens, ResponseTokens):
+        raise TypeError(f"token_index must be a ResponseTokens (see ResponseTokens.from_index), got {type(tokens).__name__}")
+    if tokens.positions.device != hidden.device:
+        raise ValueError(f"token_index is on {tokens.positions.device}, hidden is on {hidden.device}")
+    rows_of_hidden = hidden.numel() // hidden.shape[-1]
+    if tokens.num_positions != rows_of_hidden:
+        raise ValueError(f"token_index indexes {tokens.num_positions} hidden rows, hidden has {rows_of_hidden}")
+    vocab = weight.shape[0]
+    if bool(((tokens.targets < 0) | (tokens.targets >= vocab)).any()):
+        value = int(tokens.targets[(tokens.targets < 0) | (tokens.targets >= vocab)][0])
+        raise ValueError(f"token_index targets contain {value}, outside [0, {vocab})")
+    return tokens.num_rows
+
+
+def _tokens_by_sequence(hidden, tokens):
+    """The listed tokens' hidden rows and targets grouped by sequence, with their boundaries: the packed layout
+    that the reference implementation takes (a row listed twice is read twice, so autograd sums its gradient)."""
+    order = torch.argsort(tokens.sequence, stable=True)
+    cu_seqlens = torch.zeros(tokens.num_rows + 1, dtype=torch.long, device=hidden.device)
+    cu_seqlens[1:] = tokens.counts.cumsum(0)
+    rows = tokens.positions[order]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), tokens.targets[order], cu_seqlens
+
+
 def _check_every_row_has_response(counts):
     empty = (counts == 0).nonzero().flatten()
     if empty.numel():
@@ -210,17 +279,24 @@ def linear_preference_loss(
     stats_scope="global",
     impl="auto",
     cu_seqlens=None,
+    token_index=None,
 ):
     """AMaPO (or an ablation, SimPO, DPO) loss straight from the last hidden states.
 
     hidden [2B, T, D]: rows 0..B-1 chosen, rows B..2B-1 rejected, same pair order; labels [2B, T] already
     shifted (labels[:, t] is predicted from hidden[:, t]), ignore_index on prompt and padding. Packed
     layout: hidden [N, D], labels [N], cu_seqlens [2B + 1]. weight [V, D] is the lm_head weight.
+    Explicit token list: `token_index=ResponseTokens.from_index(...)` with labels=None names every response
+    token's hidden row, target and sequence, for layouts where one hidden row predicts tokens of two
+    sequences (prefix sharing: chosen and rejected continue one shared prompt).
     Returns (loss, metrics): the mean loss over this rank's pairs and a dict of detached 0-dim fp32
     metrics over this rank's pairs and response tokens, keyed by METRIC_KEYS (the keys TRL and the
     AMaPO authors log). README.md states the loss exactly.
     """
-    rows = _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+    if token_index is None:
+        rows = _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+    else:
+        rows = _validate_token_index(hidden, weight, bias, labels, cu_seqlens, token_index)
     _check_pair_rows(rows)
     validate_objective_args(beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device)
     objective_kwargs = dict(
@@ -232,8 +308,11 @@ def linear_preference_loss(
         stats_scope=stats_scope,
     )
     impl = _resolve_impl(impl, hidden.device)
-    tokens = ResponseTokens(labels, ignore_index, cu_seqlens)
+    tokens = token_index if token_index is not None else ResponseTokens(labels, ignore_index, cu_seqlens)
     _check_every_row_has_response(tokens.counts)
+    if impl == "reference" and token_index is not None:
+        token_hidden, targets, token_cu_seqlens = _tokens_by_sequence(hidden, tokens)
+        return reference_preference_loss(token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens, **objective_kwargs)
     if impl == "reference":
         return reference_preference_loss(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens, **objective_kwargs
@@ -243,19 +322,28 @@ def linear_preference_loss(
 
 
 @torch.no_grad()
-def sequence_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, impl="auto", cu_seqlens=None):
+def sequence_logps(
+    hidden, weight, labels, *, bias=None, ignore_index=-100, impl="auto", cu_seqlens=None, token_index=None
+):
     """Per-row summed response log-probs [S] (fp32) and response-token counts [S], without grad.
 
     For evaluation (ranking accuracy uses sum / count) and for precomputing DPO reference log-probs.
     Rows with no response token get a sum of 0 and a count of 0. Inputs are checked as the loss checks them.
+    `token_index`: as in linear_preference_loss.
     """
-    _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
     impl = _resolve_impl(impl, hidden.device)
+    if token_index is not None:
+        _validate_token_index(hidden, weight, bias, labels, cu_seqlens, token_index)
+        if impl == "reference":
+            token_hidden, targets, token_cu_seqlens = _tokens_by_sequence(hidden, token_index)
+            return reference_sequence_logps(token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens)
+    else:
+        _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
     if impl == "reference":
         return reference_sequence_logps(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens
         )
-    tokens = ResponseTokens(labels, ignore_index, cu_seqlens)
+    tokens = token_index if token_index is not None else ResponseTokens(labels, ignore_index, cu_seqlens)
     pass1 = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets)
     return tokens.sequence_sums(pass1.logp), tokens.counts
 
@@ -281,9 +369,10 @@ class LinearPreferenceHead(nn.Module):
         self.bias = bias
         self.loss_kwargs = loss_kwargs
 
-    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False):
+    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False, token_index=None):
         """(loss, metrics); or, with sequence_logps=True, per-row (summed log-probs, token counts) without
-        grad for evaluation. Both go through forward so that ZeRO-3 gathers the weight for either."""
+        grad for evaluation. Both go through forward so that ZeRO-3 gathers the weight for either.
+        `token_index`: an explicit token list in place of labels (see linear_preference_loss)."""
         if sequence_logps:
             return _sequence_logps(
                 hidden,
@@ -293,7 +382,9 @@ class LinearPreferenceHead(nn.Module):
                 ignore_index=self.loss_kwargs.get("ignore_index", -100),
                 impl=self.loss_kwargs.get("impl", "auto"),
                 cu_seqlens=cu_seqlens,
+                token_index=token_index,
             )
         return linear_preference_loss(
-            hidden, self.weight, labels, bias=self.bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens, **self.loss_kwargs
+            hidden, self.weight, labels, bias=self.bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens,
+            token_index=token_index, **self.loss_kwargs
         )

@@ -30,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
+from amapo_fast import prefix  # noqa: E402
 from amapo_fast.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_pretrained  # noqa: E402
 from amapo_fast.cli import (  # noqa: E402
     UserError,
@@ -141,6 +142,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def count_tokens(batch: dict) -> int:
+    """The batch's sequence tokens (a shared prompt counted for both of its responses, so that tokens/s compares
+    across layouts)."""
+    if prefix.is_prefix_shared(batch):
+        return prefix.unshared_token_count(batch)
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
@@ -363,7 +368,9 @@ class Trainer:
             self.tokenizer = load_tokenizer(tokenizer_name)
         self.splits = load_splits(config, self.tokenizer)
         self.train_set, self.eval_set = self.splits.train, self.splits.held_out
-        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, packed=config.packed)
+        self.collator = PreferenceCollator(
+            self.tokenizer.pad_token_id, packed=config.packed, prefix_sharing=config.prefix_sharing
+        )
         self._plan_steps()
         self.bf16 = use_bf16(config, env)
         self._build_models()
@@ -400,7 +407,10 @@ class Trainer:
             gamma_beta_ratio=config.gamma_beta_ratio, stats_scope=config.stats_scope, impl=config.loss_impl,
         )
         # fp32 master weights; bf16 compute comes from FSDP2's mixed precision or DeepSpeed's bf16 mode.
-        model_kwargs = dict(tokenizer=self.tokenizer, dtype=torch.float32, attn_implementation=config.attn_implementation)
+        model_kwargs = dict(
+            tokenizer=self.tokenizer, dtype=torch.float32, attn_implementation=config.attn_implementation,
+            prefix_sharing=config.prefix_sharing, liger_kernels=config.liger_kernels,
+        )
         optim = OptimConfig(
             learning_rate=config.learning_rate, weight_decay=config.weight_decay,
             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
@@ -444,6 +454,10 @@ class Trainer:
                               "dropped)"),
             ("held-out data", held_out),
             ("loss", f"{config.loss_type}, beta {config.beta:g}, implementation {self.loss_impl}"),
+            ("layout", f"{'prefix-shared' if config.prefix_sharing else 'unshared'} pairs, "
+                       f"{'packed' if config.packed else 'padded'}, attention "
+                       f"{self.policy.causal_lm.config._attn_implementation}"),
+            ("trunk kernels", self.policy.causal_lm.liger_status),
             ("processes", f"{self.env.world_size} on {self.env.device.type}, {config.backend}, "
                           f"{'bf16' if self.bf16 else 'fp32'}"),
             ("batch", f"{self.step_pairs} pairs per optimizer step ({config.per_device_train_batch_size} per device "

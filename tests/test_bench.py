@@ -74,3 +74,24 @@ def test_bad_shapes_are_refused_with_the_field_named():
         parse_shapes("N=768", default)  # 3 rows
     with pytest.raises(ValueError, match="KEY=INT"):
         parse_shapes("X=4", default)
+
+
+def test_train_step_bench_runs_methods_on_the_same_pairs(tmp_path):
+    """The step benchmark: every method gets the same pairs (same sequence tokens), prefix sharing runs fewer
+    tokens through the trunk, an absent optional method is skipped with a line, and the report files appear."""
+    command = [
+        sys.executable, str(REPO / "bench" / "train_step.py"), "--device", "cpu", "--workloads", "ultrafeedback",
+        "--methods", "ours padded,ours packed+prefix,TRL CPO simpo", "--pairs", "2", "--steps", "1",
+        "--out", str(tmp_path), "--name", "step",
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    rows = {row["method"]: row for row in json.loads((tmp_path / "step.json").read_text())["results"]}
+    ours = [rows["ours padded"], rows["ours packed+prefix"]]
+    assert ours[0]["sequence_tokens"] == ours[1]["sequence_tokens"] == ours[0]["input_tokens"]
+    assert ours[1]["input_tokens"] < ours[0]["input_tokens"]  # each prompt once
+    for row in ours:
+        assert row["step_s"] > 0 and row["pairs_per_s"] > 0 and row["step_peak_above_start_bytes"] > 0
+    if importlib.util.find_spec("trl") is None:
+        assert "skipping TRL CPO simpo: trl is not installed" in finished.stdout
+    assert (tmp_path / "step.md").exists() and (tmp_path / "step.png").exists()
