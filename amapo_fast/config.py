@@ -236,6 +236,11 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"--max_prompt_length {config.max_prompt_length} must be smaller than --max_length {config.max_length}: "
             "a response needs room"
         )
+    if config.prefix_sharing and config.attn_implementation == "flash_attention_2":
+        raise UserError(
+            "--attn_implementation flash_attention_2 cannot take prefix sharing's attention mask: use auto, sdpa, "
+            "eager or flex_attention, or --prefix_sharing false"
+        )
     if config.resume and config.overwrite_output_dir:
         raise UserError("--resume continues the run in output_dir, --overwrite_output_dir deletes it: choose one")
     if config.eval_split in ("", "none"):

@@ -104,7 +104,7 @@ def make_rows(workload: Workload, pairs: int, seed: int):
         texts.append(row)
         ids = {key: tokenizer(value, add_special_tokens=False).input_ids for key, value in row.items()}
         tokenized.append({f"{key}_input_ids": value for key, value in ids.items()})
-    return tokenizer, texts, tokenized
+    return texts, tokenized
 
 
 def sequence_tokens(rows) -> int:
@@ -287,7 +287,7 @@ def largest_micro_batch(build, workload, device, limit, memory, budget_bytes):
     fits, pairs = 0, 1
     while pairs <= limit:
         try:
-            tokenizer, texts, rows = make_rows(workload, pairs, seed=pairs)
+            texts, rows = make_rows(workload, pairs, seed=pairs)
             step = build(device, texts, rows)
             used = step_memory(step, memory)["step_peak_above_start_bytes"]
             del step
@@ -343,13 +343,14 @@ def main(argv=None):
     methods = [name for name in methods if name not in skipped]
 
     cases = {}  # (workload, method) -> row
-    data = {}
+    data, effective = {}, {}  # per workload: the fixed batch's pairs, and the workload after --seq-len
     for workload_name in workloads:
         workload = WORKLOADS[workload_name]
         if args.seq_len:
             workload = dataclasses.replace(workload, max_length=min(workload.max_length, args.seq_len))
+        effective[workload_name] = workload
         pairs = args.pairs or workload.pairs[device.type]
-        tokenizer, texts, rows = make_rows(workload, pairs, seed=0)
+        texts, rows = make_rows(workload, pairs, seed=0)
         data[workload_name] = (texts, rows)
         prompt = sum(len(r["prompt_input_ids"]) for r in rows)
         tokens = sequence_tokens(rows)
@@ -430,7 +431,7 @@ def main(argv=None):
         budget = int(args.cpu_budget_gib * 2**30) if device.type == "cpu" else 0
         setup["micro_batch_search"] = {"limit_pairs": max_pairs, "cpu_budget_gib": args.cpu_budget_gib if budget else None}
         each("search", lambda row, build: largest_micro_batch(
-            METHODS[row["method"]][0], WORKLOADS[row["workload"]], device, max_pairs, memory, budget))
+            METHODS[row["method"]][0], effective[row["workload"]], device, max_pairs, memory, budget))
     print(save())
     return cases
 

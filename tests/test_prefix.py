@@ -162,6 +162,15 @@ def test_eager_attention_takes_an_additive_mask_and_flash_attention_is_refused(t
     assert resolve_attn_implementation("auto", prefix_sharing=True) == ("flex_attention" if torch.cuda.is_available() else "sdpa")
 
 
+def test_trainer_refuses_flash_attention_with_prefix_sharing():
+    from amapo_fast.cli import UserError
+    from amapo_fast.config import parse_config
+
+    with pytest.raises(UserError, match="flash_attention_2 cannot take prefix sharing's attention mask"):
+        parse_config(["--attn_implementation", "flash_attention_2"])
+    assert parse_config(["--attn_implementation", "flash_attention_2", "--prefix_sharing", "false"]).packed is False
+
+
 def test_sliding_window_beyond_the_sequences_is_refused(tokenizer, rows):
     policy = _mistral_policy(tokenizer)
     policy.causal_lm.config.sliding_window = 8
