@@ -12,8 +12,9 @@ setup(
     packages=["amapo_fast", "amapo_fast.kernels"],
     package_dir={"amapo_fast": "amapo_fast", "amapo_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.5",
-        # 3.6 is what torch 2.11's CUDA build pins; CI runs the kernel tests on it and on the newest.
+        # torch 2.11's CUDA build pins Triton 3.6, the oldest Triton the kernels support; CI runs the kernel
+        # tests on it and on the newest.
+        "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
         "numpy",
         "transformers>=5.0",
@@ -32,6 +33,8 @@ setup(
         "wandb": ["wandb"],
         # A peer in the benchmark (CUDA only), measured when installed.
         "cut-cross-entropy": ["cut-cross-entropy"],
+        # TRL's CPOTrainer and DPOTrainer, compared in bench/train_step.py when installed.
+        "trl": ["trl>=1.0"],
         "dev": ["pytest", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil"],
     },
 )
