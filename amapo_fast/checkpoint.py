@@ -93,8 +93,10 @@ def _files(folder: str) -> list[str]:
 def write_manifest(folder: str):
     """Every rank hashes a share of the folder's files; rank 0 writes manifest.json. Collective."""
     rank, world = _rank_world()
-    mine = {name: {"bytes": os.path.getsize(os.path.join(folder, name)), "xxh3_64": file_digest(os.path.join(folder, name))}
-            for name in _files(folder)[rank::world]}
+    mine = {}
+    for name in _files(folder)[rank::world]:
+        path = os.path.join(folder, name)
+        mine[name] = {"bytes": os.path.getsize(path), "xxh3_64": file_digest(path)}
     entries = {name: entry for share in _gather(mine) for name, entry in share.items()}
     if rank == 0:
         with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as handle:

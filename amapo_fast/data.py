@@ -113,7 +113,7 @@ def _kind(value) -> str:
         return "missing"
     if isinstance(value, str):
         return "a string"
-    if isinstance(value, (list, tuple)) and all(isinstance(message, dict) and "content" in message for message in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(item, dict) and "content" in item for item in value):
         return "a message list"
     return f"a {type(value).__name__} ({str(value)[:60]!r})"
 

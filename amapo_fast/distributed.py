@@ -5,9 +5,9 @@ hands the policy to DeepSpeed ZeRO-3. Each is built from `load`, a `load_policy`
 so that no rank holds a whole model it does not need: FSDP2 reads the weights on rank 0 only, the other ranks
 build the model on the meta device; ZeRO-3 partitions the parameters as they load. Both expose: `policy`
 (the `PreferencePolicy`), `model` (the module to call), `backward(loss, last)` per micro-batch, `step()` per
-optimizer step (returns the gradient norm; a step whose norm is NaN or infinite is not applied), `lr`, `save(dir)`/`load(dir)` for sharded checkpoints,
-`full_state_dict()` for the final Hugging Face folder, and `frozen(load)` to load and shard DPO's reference
-model the same way.
+optimizer step (returns the gradient norm; a step whose norm is NaN or infinite is not applied), `lr`,
+`save(dir)`/`load(dir)` for sharded checkpoints, `full_state_dict()` for the final Hugging Face folder, and
+`frozen(load)` to load and shard DPO's reference model the same way.
 """
 import contextlib
 import dataclasses

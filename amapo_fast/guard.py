@@ -26,7 +26,9 @@ def last_checkpoint_text(output_dir: str) -> str:
     from .checkpoint import completed_checkpoints
 
     checkpoints = completed_checkpoints(output_dir)
-    return f"the last checkpoint saved before it is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved before it"
+    if not checkpoints:
+        return "no checkpoint was saved before it"
+    return f"the last checkpoint saved before it is {checkpoints[-1]}"
 
 
 class NonFiniteSteps:
@@ -129,9 +131,9 @@ class OutputDirLock:
     folder stops at once instead of writing and rotating checkpoints beside the first.
 
     The lock is a `flock` on the file, which the kernel drops when its process dies, however it dies: a lock
-    left by a killed run is simply taken over. The file names the holder (pid, host, start time) for the
-    message the second run prints. On a shared filesystem this relies on the filesystem's support of file
-    locks (NFSv4 has it).
+    file left by a killed run is simply taken over. The file names the holder (pid, host, start time) for the
+    message the second run prints, and is deleted when the run ends. On a shared filesystem this relies on
+    the filesystem's support of file locks (NFSv4 has it).
     """
 
     def __init__(self, output_dir: str, is_main: bool):
@@ -151,22 +153,19 @@ class OutputDirLock:
 
     def _acquire(self) -> str | None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            handle.close()
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")
             try:
-                holder = json.loads(holder)
-                who = f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
-            except (ValueError, KeyError, TypeError):
-                who = "a process that has not written its name yet"
-            return (
-                f"output_dir {os.path.dirname(self.path)!r} is in use by another run ({who}); wait for it to end "
-                "or choose another --output_dir"
-            )
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read()
+                handle.close()
+                return self._busy_message(holder)
+            # The holder may have deleted the file between our open and our lock: then lock the new file.
+            if os.path.exists(self.path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
+                break
+            handle.close()
         handle.seek(0)
         handle.truncate()
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -175,11 +174,20 @@ class OutputDirLock:
         self.handle = handle
         return None
 
+    def _busy_message(self, holder: str) -> str:
+        try:
+            holder = json.loads(holder)
+            who = f"pid {holder['pid']} on host {holder['host']}, started {holder['started']}"
+        except (ValueError, KeyError, TypeError):
+            who = "a process that has not written its name yet"
+        return (
+            f"output_dir {os.path.dirname(self.path)!r} is in use by another run ({who}); wait for it to end or "
+            "choose another --output_dir"
+        )
+
     def __exit__(self, *exc_info):
         if self.handle is not None:
-            # The file stays (deleting a flock'ed file lets a waiting process lock an orphaned inode).
-            self.handle.truncate(0)
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            os.remove(self.path)  # before unlocking, so that nobody can lock the file on its way out
             self.handle.close()
             self.handle = None
         return False
