@@ -19,7 +19,6 @@ from amapo_fast.batches import MicroBatches
 from amapo_fast.checkpoint import (
     MANIFEST,
     TRAINER_STATE,
-    _remove,
     completed_checkpoints,
     load_checkpoint,
     verify_checkpoint,
@@ -106,6 +105,22 @@ def test_collapse_to_a_zero_gradient_is_reported(tmp_path, capsys):
     assert capsys.readouterr().out.count("the gradient norm is exactly 0") == 1
 
 
+def test_evaluation_of_a_nan_model_is_refused_naming_how_many_pairs():
+    from amapo_fast.data import PreferenceCollator
+    from amapo_fast.evaluate import eval_dataloader, evaluate_ranking
+    from amapo_fast.model import load_policy
+    from amapo_fast.toy import make_toy_preference_dataset
+
+    tokenizer = load_tokenizer("toy")
+    policy = load_policy("toy", tokenizer=tokenizer)
+    with torch.no_grad():
+        policy.causal_lm.model.norm.weight[0] = float("nan")  # every position's hidden state, so every pair
+    tokenized = tokenize_preference_dataset(make_toy_preference_dataset(12, seed=0), tokenizer, 128, 64)
+    loader = eval_dataloader(tokenized, PreferenceCollator(tokenizer.pad_token_id), batch_size=4)
+    with pytest.raises(NonFiniteError, match=r"12 of 12 pairs have a NaN or infinite response log-prob"):
+        evaluate_ranking(policy, loader, progress=False)
+
+
 # --- checkpoints ----------------------------------------------------------------------------------------
 
 
@@ -150,27 +165,43 @@ def test_damaged_checkpoint_is_one_line(one_process_run, tmp_path, damage):
         victim.write_bytes(victim.read_bytes()[:100])
         expected = rf"{victim} has 100 bytes where {MANIFEST} records \d+ \(truncated"
     with pytest.raises(CheckpointError, match=expected) as raised:
-        verify_checkpoint(str(checkpoint))
+        main(FROZEN + ["--max_steps", "4", "--resume", str(checkpoint), "--output_dir", str(tmp_path / "out")])
     assert "\n" not in str(raised.value)
 
 
+class _FakeEngine:
+    """Stands for an engine in save_checkpoint: one small 'shard' file per save."""
+
+    policy = torch.nn.Linear(2, 2)
+
+    def save(self, directory):
+        os.makedirs(os.path.join(directory, "dcp"))
+        Path(directory, "dcp", "__0_0.distcp").write_bytes(b"shard")
+
+
 def test_rotation_killed_halfway_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    """A kill while a rotated checkpoint is being deleted: the files already gone, trainer_state.json not yet."""
-    checkpoint = tmp_path / "checkpoint-4"
-    (checkpoint / "dcp").mkdir(parents=True)
-    (checkpoint / "dcp" / "__0_0.distcp").write_bytes(b"shard")
-    (checkpoint / TRAINER_STATE).write_text("{}")
+    """A kill while the rotated-out checkpoint is being deleted: its shards already gone, its trainer state not."""
+    import torch.distributed as dist
+
+    from amapo_fast.checkpoint import save_checkpoint
+
     real_rmtree = shutil.rmtree
 
     def killed_after_the_shards(path, ignore_errors=False):
-        if Path(path).exists():
+        if Path(path).name.startswith("checkpoint-2") and Path(path).exists():
             real_rmtree(Path(path) / "dcp")
             raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
+        real_rmtree(path, ignore_errors=ignore_errors)
 
-    monkeypatch.setattr(shutil, "rmtree", killed_after_the_shards)
-    with pytest.raises(KeyboardInterrupt):
-        _remove(str(checkpoint))
-    assert completed_checkpoints(str(tmp_path)) == []
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        save_checkpoint(_FakeEngine(), str(tmp_path), 2, {"global_step": 2}, 1, 0)
+        monkeypatch.setattr(shutil, "rmtree", killed_after_the_shards)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(_FakeEngine(), str(tmp_path), 4, {"global_step": 4}, 1, 0)
+    finally:
+        dist.destroy_process_group()
+    assert completed_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-4")]
 
 
 def test_second_run_on_a_busy_output_dir_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
