@@ -119,6 +119,11 @@ def verify_checkpoint(folder: str):
     """Raise CheckpointError on every rank, naming the first bad file, unless every file the manifest lists is
     there with its size and hash. Every rank checks a share of the files. Collective."""
     rank, world = _rank_world()
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        raise CheckpointError(
+            f"checkpoint {folder} has no {MANIFEST}, so its files cannot be verified (damaged, or written by an "
+            "older version of this trainer)"
+        )
     try:
         with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
             entries = json.load(handle)["files"]
@@ -195,6 +200,10 @@ def read_trainer_state(path: str) -> dict:
         return json.load(handle)
 
 
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
 def _check_compatible(path: str, state: dict, backend: str, world_size: int):
     """One-line refusals for checkpoints this run's engine cannot load."""
     saved_backend = state["config"]["backend"]
@@ -205,8 +214,8 @@ def _check_compatible(path: str, state: dict, backend: str, world_size: int):
     saved_world = state["world_size"]
     if backend == "deepspeed" and saved_world != world_size:
         raise CheckpointError(
-            f"checkpoint {path} was written by {saved_world} processes and this run has {world_size}: DeepSpeed "
-            f"ZeRO-3 checkpoints load only on the same number, so relaunch with {saved_world} processes in total "
+            f"checkpoint {path} was written by {_processes(saved_world)} and this run has {world_size}: DeepSpeed "
+            f"ZeRO-3 checkpoints load only on the same number, so relaunch with {_processes(saved_world)} in total "
             "(--backend fsdp2 checkpoints reshard to any number)"
         )
 

@@ -159,7 +159,7 @@ def test_damaged_checkpoint_is_one_line(one_process_run, tmp_path, damage):
     checkpoint = _copy_checkpoint(one_process_run / "checkpoint-2", tmp_path)
     if damage == "missing manifest":
         (checkpoint / MANIFEST).unlink()
-        expected = rf"{checkpoint / MANIFEST} cannot be read"
+        expected = rf"{checkpoint} has no {MANIFEST}, so its files cannot be verified"
     else:
         victim = next((checkpoint / "dcp").glob("*.distcp" if damage == "truncated shard" else ".metadata"))
         victim.write_bytes(victim.read_bytes()[:100])
