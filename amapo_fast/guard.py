@@ -57,8 +57,8 @@ class NonFiniteSteps:
         self.bad_losses = self.bad_losses + (~finite).to(torch.float64)
         return loss * torch.where(finite, 1.0, float("nan")).to(loss.dtype)
 
-    def after_step(self, step: int, grad_norm: float) -> bool:
-        """Whether the step was applied; raises NonFiniteError under 'stop' when it was not."""
+    def after_step(self, step: int, grad_norm: float):
+        """Raise NonFiniteError under 'stop', count the step under 'skip', when it was not applied."""
         bad_losses, self.bad_losses = self.bad_losses, 0
         if math.isfinite(grad_norm):
             if grad_norm == 0.0 and not self.reported_zero_norm and self.is_main:
@@ -67,12 +67,12 @@ class NonFiniteSteps:
                     "has probably collapsed (saturated outputs, often from a learning rate far too high)"
                 )
                 self.reported_zero_norm = True
-            return True
+            return
         # Every rank sees the same global gradient norm, so every rank takes this branch and joins the reduce.
         bad_losses = torch.as_tensor(bad_losses, dtype=torch.float64).reshape(1)
         if _world_size() > 1:
             dist.all_reduce(bad_losses)
-        what = "gradient norm" if bad_losses.item() == 0 else "loss and so the gradient norm"
+        what = "gradient norm" if bad_losses.item() == 0 else "loss"
         if self.policy == "stop":
             raise NonFiniteError(
                 f"step {step}: the {what} is not finite (gradient norm {grad_norm}); the run stopped without "
@@ -82,7 +82,6 @@ class NonFiniteSteps:
         self.skipped += 1
         if self.is_main:
             tqdm.write(f"warning: step {step}: skipped, the {what} is not finite ({self.skipped} skipped so far)")
-        return False
 
 
 def _local_values(parameter: torch.Tensor) -> torch.Tensor:
