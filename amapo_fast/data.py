@@ -54,13 +54,17 @@ def load_preference_dataset(name_or_path: str, split: str, config_name: str | No
         if builder == "json" and not _is_utf8(name_or_path):
             raise DataError(f"{name_or_path}: {json_file_problem(name_or_path)}")
         try:
-            return load_dataset(builder, data_files={split_name: name_or_path}, split=split)
+            dataset = load_dataset(builder, data_files={split_name: name_or_path}, split=split)
         except Exception:
             # datasets reports JSON problems without the file or the line (or as a bare StopIteration): find them.
             problem = json_file_problem(name_or_path) if builder == "json" else None
             if problem is None:
                 raise
             raise DataError(f"{name_or_path}: {problem}") from None
+        problem = None if _uniform_row_types(dataset.features) else _first_row_problem(dataset)
+        if problem:
+            raise DataError(f"{name_or_path}{'' if split == split_name else f' ({split})'}: {problem}")
+        return dataset
     if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_dict.json")):
         return load_from_disk(name_or_path)[split]  # a DatasetDict written by save_to_disk
     return load_dataset(name_or_path, config_name, split=split)
@@ -131,6 +135,30 @@ def _row_problem(row, index: int) -> str | None:
         )
     if kinds["chosen"] == "a string" and kinds["prompt"] == "a message list":
         return f"row {index}: plain-text 'chosen'/'rejected' need a string 'prompt', got a message list"
+    return None
+
+
+def _feature_kind(feature) -> str:
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        return "a string"
+    if isinstance(feature, list) or type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        return "a message list"
+    return "mixed"  # e.g. datasets' Json feature: strings in some rows, lists in others
+
+
+def _uniform_row_types(features) -> bool:
+    """Whether the column types alone show that every row has usable types (no row needs to be looked at)."""
+    kinds = {column: _feature_kind(features[column]) for column in ("prompt", "chosen", "rejected") if column in features}
+    if "mixed" in kinds.values() or kinds.get("chosen") != kinds.get("rejected"):
+        return False
+    return not (kinds.get("chosen") == "a string" and kinds.get("prompt") == "a message list")
+
+
+def _first_row_problem(dataset) -> str | None:
+    columns = [column for column in ("prompt", "chosen", "rejected") if column in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(columns)):
+        if problem := _row_problem(row, index):
+            return problem
     return None
 
 
@@ -214,8 +242,8 @@ class _RowEncoder:
 
     def __call__(self, row, index):
         problem = _row_problem(row, index)
-        if problem:
-            raise DataError(problem)
+        if problem:  # a plain ValueError: callers that know the data's name add it (the trainer does)
+            raise ValueError(problem)
         texts = self.texts(row)
         if isinstance(texts, str):
             return _dropped(texts)
