@@ -1,9 +1,12 @@
 """Checkpoint folders: written under a temporary name and renamed when complete, so that a crash never leaves
-a half-written `checkpoint-N` for `--resume` to pick up; the last K are kept; RNG state per rank.
+a half-written `checkpoint-N` for `--resume` to pick up; verified against a manifest on resume; the last K are
+kept; RNG state per rank.
 
 Layout of `output_dir/checkpoint-N/`: the engine's sharded state (DCP `dcp/` + `scheduler.pt` for FSDP2,
-DeepSpeed's own `deepspeed/` folder for ZeRO-3), `rng_state_<rank>.pt` and `trainer_state.json` (written
-last). `output_dir` must be visible to every node (a shared filesystem) for multi-node runs.
+DeepSpeed's own `deepspeed/` folder for ZeRO-3), `rng_state_<rank>.pt`, `trainer_state.json` (step, data
+position, number of processes, settings) and `manifest.json` (size and xxh3-64 hash of every other file),
+both written after every rank has finished. `output_dir` must be visible to every node (a shared
+filesystem) for multi-node runs.
 """
 import json
 import os
@@ -15,13 +18,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import CheckpointError
+from .guard import check_finite_weights
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_SUFFIX = ".tmp"
+# A checkpoint being deleted is first renamed to this suffix, out of the set that --resume considers.
+DELETING_SUFFIX = ".deleting"
 TRAINER_STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+HASH_BLOCK_BYTES = 1 << 24
 
 
 def completed_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint folders of output_dir, oldest first (temporary folders are ignored)."""
+    """Complete checkpoint folders of output_dir, oldest first (temporary and half-deleted folders are ignored)."""
     if not os.path.isdir(output_dir):
         return []
     found = []
@@ -38,11 +48,105 @@ def resolve_resume(resume: str, output_dir: str) -> str:
     if resume == "latest":
         checkpoints = completed_checkpoints(output_dir)
         if not checkpoints:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint-N folder in {output_dir!r}")
+            raise CheckpointError(f"--resume latest: no complete checkpoint-N folder in {output_dir!r}")
         return checkpoints[-1]
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
-        raise FileNotFoundError(f"--resume {resume!r}: not a complete checkpoint folder (no {TRAINER_STATE})")
+        raise CheckpointError(f"--resume {resume!r}: not a complete checkpoint folder (no {TRAINER_STATE})")
     return resume
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(value) -> list:
+    _, world = _rank_world()
+    if world == 1:
+        return [value]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def file_digest(path: str) -> str:
+    """xxh3-64 of a file's bytes: several GB/s, so hashing costs little next to writing the file."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    """Every file under folder except the manifest, as sorted '/'-separated relative paths."""
+    found = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if relative != MANIFEST:
+                found.append(relative)
+    return sorted(found)
+
+
+def write_manifest(folder: str):
+    """Every rank hashes a share of the folder's files; rank 0 writes manifest.json. Collective."""
+    rank, world = _rank_world()
+    mine = {}
+    for name in _files(folder)[rank::world]:
+        path = os.path.join(folder, name)
+        mine[name] = {"bytes": os.path.getsize(path), "xxh3_64": file_digest(path)}
+    entries = {name: entry for share in _gather(mine) for name, entry in share.items()}
+    if rank == 0:
+        with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8") as handle:
+            json.dump({"files": dict(sorted(entries.items()))}, handle, indent=1)
+
+
+def _file_problem(folder: str, name: str, entry: dict) -> str | None:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return f"{path} is missing"
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
+        return f"{path} has {size} bytes where {MANIFEST} records {entry['bytes']} (truncated or overwritten)"
+    if file_digest(path) != entry["xxh3_64"]:
+        return f"{path} differs from the hash {MANIFEST} records (its bytes changed after the save)"
+    return None
+
+
+def verify_checkpoint(folder: str):
+    """Raise CheckpointError on every rank, naming the first bad file, unless every file the manifest lists is
+    there with its size and hash. Every rank checks a share of the files. Collective."""
+    rank, world = _rank_world()
+    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+        raise CheckpointError(
+            f"checkpoint {folder} has no {MANIFEST}, so its files cannot be verified (damaged, or written by an "
+            "older version of this trainer)"
+        )
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
+            entries = json.load(handle)["files"]
+        problems = [problem for name, entry in sorted(entries.items())[rank::world]
+                    if (problem := _file_problem(folder, name, entry))]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        problems = [f"{os.path.join(folder, MANIFEST)} cannot be read ({error})"]
+    problems = sorted(problem for share in _gather(problems) for problem in share)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {folder} is damaged: {problems[0]}"
+            + (f" ({len(problems) - 1} more bad file(s))" if len(problems) > 1 else "")
+            + "; resume from an earlier checkpoint with --resume PATH"
+        )
+
+
+def _remove(folder: str):
+    """Delete a checkpoint folder: renamed out of the complete set first, so that a crash halfway through the
+    deletion never leaves a `checkpoint-N` that looks complete without its shards."""
+    doomed = folder + DELETING_SUFFIX
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def rng_state() -> dict:
@@ -61,11 +165,16 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, keep_last: int, rank: int) -> str:
-    """Every rank writes its part into checkpoint-N.tmp; rank 0 marks it complete and renames it."""
+    """Every rank writes its part into checkpoint-N.tmp; rank 0 writes the trainer state, every rank hashes a
+    share of the files for the manifest, and rank 0 renames the folder to checkpoint-N, then rotates."""
+    check_finite_weights(engine.policy, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     temporary = final + TEMPORARY_SUFFIX
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)  # left over from a crash at this very step
+        for name in os.listdir(output_dir):  # left over from a crash during a rotation
+            if CHECKPOINT_PATTERN.match(name.removesuffix(DELETING_SUFFIX)) and name.endswith(DELETING_SUFFIX):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
         os.makedirs(temporary)
     dist.barrier()
     engine.save(temporary)
@@ -74,26 +183,59 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
     if rank == 0:
         with open(os.path.join(temporary, TRAINER_STATE), "w", encoding="utf-8") as handle:
             json.dump(trainer_state, handle, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
+    dist.barrier()
+    write_manifest(temporary)
+    if rank == 0:
+        if os.path.exists(final):  # a checkpoint of the same step from before a resume
+            _remove(final)
         os.replace(temporary, final)
         for stale in completed_checkpoints(output_dir)[:-keep_last] if keep_last else []:
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
     dist.barrier()
     return final
 
 
-def load_checkpoint(engine, path: str, rank: int) -> dict:
-    """Restore the engine (model, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
-    engine.load(path)
-    rng_file = os.path.join(path, f"rng_state_{rank}.pt")
-    if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: those keep their seed
-        set_rng_state(torch.load(rng_file, weights_only=False))
+def read_trainer_state(path: str) -> dict:
     with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as handle:
         return json.load(handle)
 
 
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
+def _check_compatible(path: str, state: dict, backend: str, world_size: int):
+    """One-line refusals for checkpoints this run's engine cannot load."""
+    saved_backend = state["config"]["backend"]
+    if saved_backend != backend:
+        raise CheckpointError(
+            f"checkpoint {path} was written by --backend {saved_backend}; resume it with --backend {saved_backend}"
+        )
+    saved_world = state["world_size"]
+    if backend == "deepspeed" and saved_world != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {_processes(saved_world)} and this run has {world_size}: DeepSpeed "
+            f"ZeRO-3 checkpoints load only on the same number, so relaunch with {_processes(saved_world)} in total "
+            "(--backend fsdp2 checkpoints reshard to any number)"
+        )
+
+
+def load_checkpoint(engine, path: str, rank: int, backend: str) -> dict:
+    """Verify the folder against its manifest, then restore the engine (model, optimizer, scheduler) and this
+    rank's RNG; returns the trainer state. Collective."""
+    verify_checkpoint(path)
+    state = read_trainer_state(path)
+    _check_compatible(path, state, backend, _rank_world()[1])
+    engine.load(path)
+    rng_file = os.path.join(path, f"rng_state_{rank}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: those keep their seed
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
 def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int):
     """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads."""
+    check_finite_weights(engine.policy, directory)
     state = engine.full_state_dict()  # collective: every rank takes part
     if rank == 0:
         prefix = "causal_lm."

@@ -64,7 +64,10 @@ def exits_cleanly_on_user_errors(main):
             if debugging(argv):
                 raise
             if _rank() == 0:
-                print(f"error: {error}", file=sys.stderr, flush=True)
+                from tqdm.auto import tqdm
+
+                # tqdm.write: on a line of its own even when a progress bar (training, evaluating) was cut short.
+                tqdm.write(f"error: {error}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT) from None
 
     return wrapper

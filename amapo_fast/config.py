@@ -18,6 +18,7 @@ BACKENDS = ("fsdp2", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 REPORT_TO = ("none", "tensorboard", "wandb")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def _field(default, help_text, choices=None):
@@ -89,6 +90,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = _field(1, "micro-batches per optimizer step")
     max_grad_norm: float = _field(1.0, "gradient clipping norm; 0 disables clipping")
     seed: int = _field(42, "seed of model init (toy), data order and RNG")
+    on_nonfinite: str = _field(
+        "stop", "a step whose loss or gradient norm is NaN/inf is never applied; then stop the run or skip the step",
+        NONFINITE_POLICIES,
+    )
 
     # Logging, evaluation, checkpoints.
     output_dir: str = _field("outputs/amapo-toy", "checkpoints, final model and logs go here")

@@ -7,13 +7,16 @@ Accepted row formats (the first two are UltraFeedback's and TRL's conversational
   * plain text: `prompt`, `chosen`, `rejected` are strings; no chat template, EOS appended to the responses.
 Optional `ref_chosen_logps` / `ref_rejected_logps` columns carry precomputed DPO reference log-probs.
 """
+import codecs
 import collections
+import json
 import logging
 import os
 
 import torch
 
 from . import prefix
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +46,120 @@ def load_preference_dataset(name_or_path: str, split: str, config_name: str | No
         extension = os.path.splitext(name_or_path)[1].lower()
         if extension not in LOCAL_FILE_BUILDERS:
             raise ValueError(f"{name_or_path}: expected a .json, .jsonl or .parquet file, got {extension!r}")
+        if os.path.getsize(name_or_path) == 0:
+            raise DataError(f"{name_or_path} is empty: expected preference pairs (see docs/train.md, Data)")
         split_name = split.split("[")[0]
-        return load_dataset(LOCAL_FILE_BUILDERS[extension], data_files={split_name: name_or_path}, split=split)
+        builder = LOCAL_FILE_BUILDERS[extension]
+        # datasets would load undecodable bytes and fail only when a row is read, without saying where.
+        if builder == "json" and not _is_utf8(name_or_path):
+            raise DataError(f"{name_or_path}: {json_file_problem(name_or_path)}")
+        try:
+            dataset = load_dataset(builder, data_files={split_name: name_or_path}, split=split)
+        except Exception:
+            # datasets reports JSON problems without the file or the line (or as a bare StopIteration): find them.
+            problem = json_file_problem(name_or_path) if builder == "json" else None
+            if problem is None:
+                raise
+            raise DataError(f"{name_or_path}: {problem}") from None
+        problem = None if _uniform_row_types(dataset.features) else _first_row_problem(dataset)
+        if problem:
+            raise DataError(f"{name_or_path}{'' if split == split_name else f' ({split})'}: {problem}")
+        return dataset
     if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_dict.json")):
         return load_from_disk(name_or_path)[split]  # a DatasetDict written by save_to_disk
     return load_dataset(name_or_path, config_name, split=split)
+
+
+def _is_utf8(path: str) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        try:
+            while block := handle.read(1 << 24):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def json_file_problem(path: str) -> str | None:
+    """Where and why a .json/.jsonl file is not one JSON document or one JSON object per line; None if it is."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        return f"line {line}, column {column}: byte 0x{data[error.start]:02x} is not UTF-8; expected UTF-8 text"
+    if not text.strip():
+        return "holds only whitespace; expected preference pairs, one JSON object per line"
+    try:
+        json.loads(text)
+        return None  # one JSON document; datasets' own message about its layout stands
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            return f"line {number}, column {error.colno}: {error.msg}; expected one JSON object per line"
+        if not isinstance(value, dict):
+            return f"line {number}: a JSON {type(value).__name__}; expected one JSON object ({{...}}) per line"
+    return None
+
+
+def _kind(value) -> str:
+    """'missing', 'a string', 'a message list', or what else the value is, for row checks and their messages."""
+    if value is None:
+        return "missing"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)) and all(isinstance(item, dict) and "content" in item for item in value):
+        return "a message list"
+    return f"a {type(value).__name__} ({str(value)[:60]!r})"
+
+
+def _row_problem(row, index: int) -> str | None:
+    """Why a row's values have the wrong types (an error, unlike the drop reasons, which are counted)."""
+    kinds = {column: _kind(row.get(column)) for column in ("prompt", "chosen", "rejected")}
+    for column, kind in kinds.items():
+        if kind not in ("missing", "a string", "a message list"):
+            return f"row {index}: {column!r} is {kind}; expected a string or a list of {{'role', 'content'}} messages"
+    if "missing" not in (kinds["chosen"], kinds["rejected"]) and kinds["chosen"] != kinds["rejected"]:
+        return (
+            f"row {index}: 'chosen' is {kinds['chosen']} but 'rejected' is {kinds['rejected']}; expected both strings "
+            "or both message lists"
+        )
+    if kinds["chosen"] == "a string" and kinds["prompt"] == "a message list":
+        return f"row {index}: plain-text 'chosen'/'rejected' need a string 'prompt', got a message list"
+    return None
+
+
+def _feature_kind(feature) -> str:
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        return "a string"
+    if isinstance(feature, list) or type(feature).__name__ in ("List", "LargeList", "Sequence"):
+        return "a message list"
+    return "mixed"  # e.g. datasets' Json feature: strings in some rows, lists in others
+
+
+def _uniform_row_types(features) -> bool:
+    """Whether the column types alone show that every row has usable types (no row needs to be looked at)."""
+    kinds = {column: _feature_kind(features[column]) for column in ("prompt", "chosen", "rejected") if column in features}
+    if "mixed" in kinds.values() or kinds.get("chosen") != kinds.get("rejected"):
+        return False
+    return not (kinds.get("chosen") == "a string" and kinds.get("prompt") == "a message list")
+
+
+def _first_row_problem(dataset) -> str | None:
+    columns = [column for column in ("prompt", "chosen", "rejected") if column in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(columns)):
+        if problem := _row_problem(row, index):
+            return problem
+    return None
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -128,7 +240,10 @@ class _RowEncoder:
             responses.append(full_text[len(prompt_text):])
         return prompt_text, responses[0], responses[1]
 
-    def __call__(self, row):
+    def __call__(self, row, index):
+        problem = _row_problem(row, index)
+        if problem:  # a plain ValueError: callers that know the data's name add it (the trainer does)
+            raise ValueError(problem)
         texts = self.texts(row)
         if isinstance(texts, str):
             return _dropped(texts)
@@ -217,6 +332,7 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length: int, max_prompt_
     )
     encoded = dataset.map(
         encoder,
+        with_indices=True,
         remove_columns=[column for column in dataset.column_names if column not in keep],
         features=features,
         num_proc=num_proc,

@@ -5,9 +5,9 @@ hands the policy to DeepSpeed ZeRO-3. Each is built from `load`, a `load_policy`
 so that no rank holds a whole model it does not need: FSDP2 reads the weights on rank 0 only, the other ranks
 build the model on the meta device; ZeRO-3 partitions the parameters as they load. Both expose: `policy`
 (the `PreferencePolicy`), `model` (the module to call), `backward(loss, last)` per micro-batch, `step()` per
-optimizer step (returns the gradient norm), `lr`, `save(dir)`/`load(dir)` for sharded checkpoints,
-`full_state_dict()` for the final Hugging Face folder, and `frozen(load)` to load and shard DPO's reference
-model the same way.
+optimizer step (returns the gradient norm; a step whose norm is NaN or infinite is not applied), `lr`,
+`save(dir)`/`load(dir)` for sharded checkpoints, `full_state_dict()` for the final Hugging Face folder, and
+`frozen(load)` to load and shard DPO's reference model the same way.
 """
 import contextlib
 import dataclasses
@@ -194,10 +194,12 @@ class Fsdp2Engine:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(norm)
+        if math.isfinite(norm):  # as DeepSpeed does: a NaN/inf gradient would make every weight NaN
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, directory: str):
         import torch.distributed.checkpoint as dcp
@@ -299,7 +301,9 @@ class DeepSpeedEngine:
             self.model.step()
 
     def step(self) -> float:
-        self.model.step()  # the accumulation boundary: clip, AdamW, schedule
+        # The accumulation boundary: clip, AdamW, schedule. DeepSpeed itself skips the update and the schedule
+        # when the gradient norm is NaN or infinite, and then reports the norm as inf.
+        self.model.step()
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 

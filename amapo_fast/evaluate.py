@@ -44,6 +44,7 @@ from .cli import (
     require_existing_if_local,
     user_errors,
 )
+from .errors import NonFiniteError
 
 # Two-sided 95% normal quantile, for the Wilson score interval.
 Z_95 = 1.959963984540054
@@ -173,6 +174,13 @@ def score_pairs(model, dataloader, *, desc: str = "ranking eval", progress: bool
     if sums.shape[1] == 0:
         raise ValueError("the evaluation dataloader yielded no pair")
     # Checked after the gather, so that every rank raises together instead of leaving the others waiting.
+    nonfinite = (~torch.isfinite(sums)).any(0).nonzero().flatten()
+    if nonfinite.numel():
+        raise NonFiniteError(
+            f"{nonfinite.numel()} of {sums.shape[1]} pairs have a NaN or infinite response log-prob (first: pair "
+            f"{nonfinite[0].item()} in dataset order): the model's outputs are not finite, so no ranking accuracy "
+            "is reported"
+        )
     empty = (counts == 0).any(0).nonzero().flatten()
     if empty.numel():
         raise ValueError(

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from amapo_fast import prefix  # noqa: E402
+from amapo_fast.batches import MicroBatches  # noqa: E402
 from amapo_fast.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_pretrained  # noqa: E402
 from amapo_fast.cli import (  # noqa: E402
     UserError,
@@ -57,6 +58,7 @@ from amapo_fast.distributed import (  # noqa: E402
 )
 from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  # noqa: E402
 from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
+from amapo_fast.guard import NonFiniteSteps, OutputDirLock, strict_json  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
 
@@ -147,40 +149,6 @@ def count_tokens(batch: dict) -> int:
     if prefix.is_prefix_shared(batch):
         return prefix.unshared_token_count(batch)
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-
-
-class MicroBatches:
-    """This rank's micro-batches in order, from any position: epoch e is a DistributedSampler permutation
-    seeded by (seed, e), so the data position after a resume is just the number of micro-batches consumed."""
-
-    def __init__(self, dataset, collator, env: DistEnv, batch_size: int, seed: int, micro_per_epoch: int):
-        self.dataset, self.collator, self.env = dataset, collator, env
-        self.batch_size, self.seed, self.micro_per_epoch = batch_size, seed, micro_per_epoch
-
-    def _epoch_indices(self, epoch: int) -> list[int]:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(
-            self.dataset, num_replicas=self.env.world_size, rank=self.env.rank, shuffle=True, seed=self.seed,
-            drop_last=True,
-        )
-        sampler.set_epoch(epoch)
-        return list(sampler)
-
-    def iterate(self, start: int):
-        from torch.utils.data import DataLoader
-
-        epoch, offset = divmod(start, self.micro_per_epoch)
-        while True:
-            indices = self._epoch_indices(epoch)[offset * self.batch_size : self.micro_per_epoch * self.batch_size]
-            # A generator of its own: starting a DataLoader draws a seed from it, and a draw from the global RNG
-            # here would shift the dropout stream of a resumed run against the uninterrupted one.
-            loader = DataLoader(
-                self.dataset, batch_size=self.batch_size, sampler=indices, collate_fn=self.collator,
-                generator=torch.Generator(),
-            )
-            yield from loader
-            epoch, offset = epoch + 1, 0
 
 
 class MetricWindow:
@@ -280,7 +248,7 @@ class Loggers:
             return
         record = {"step": step, **values}
         tqdm.write(_short_line(step, self.total_steps, values))
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(strict_json(record) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
             for key, value in values.items():
@@ -355,8 +323,7 @@ class Trainer:
         # Resolved before anything loads, so that a wrong --resume is one line at once.
         self.resume_path = None
         if config.resume:
-            with user_errors(FileNotFoundError):
-                self.resume_path = resolve_resume(config.resume, config.output_dir)
+            self.resume_path = resolve_resume(config.resume, config.output_dir)
         # The loss path this device will run ('auto' resolved); an impossible choice is refused before loading.
         with user_errors(ValueError, prefix="--loss_impl: "):
             self.loss_impl = resolve_impl(config.loss_impl, env.device)
@@ -374,6 +341,7 @@ class Trainer:
         self._plan_steps()
         self.bf16 = use_bf16(config, env)
         self._build_models()
+        self.nonfinite = NonFiniteSteps(config.on_nonfinite, config.output_dir, env.is_main)
         if env.is_main:
             self._print_summary()
 
@@ -493,8 +461,8 @@ class Trainer:
         return evaluate_held_out(self.model, self.ref_model, self.eval_set, self.collator, self.config)
 
     def resume(self) -> dict:
-        """Load the checkpoint found at start-up; returns its trainer state (global_step, num_tokens, ...)."""
-        state = load_checkpoint(self.engine, self.resume_path, self.env.rank)
+        """Load the checkpoint found at start-up; returns its trainer state (global_step, data_position, ...)."""
+        state = load_checkpoint(self.engine, self.resume_path, self.env.rank, self.config.backend)
         if self.env.is_main:
             tqdm.write(f"resumed from {self.resume_path} at step {state['global_step']}")
         return state
@@ -513,7 +481,7 @@ class Trainer:
                 with torch.no_grad():
                     batch["ref_logps"], _ = self.ref_model(batch, sequence_logps=True)
             loss, metrics = self.model(batch)
-            self.engine.backward(loss, last_micro_batch=micro == accumulation - 1)
+            self.engine.backward(self.nonfinite.observe(loss), last_micro_batch=micro == accumulation - 1)
             window.add(loss, metrics, tokens)
         grad_norm = self.engine.step()
         window.add_time(time.perf_counter() - started)
@@ -521,8 +489,8 @@ class Trainer:
 
     def fit(self) -> dict:
         config = self.config
-        state = self.resume() if self.resume_path else {"global_step": 0}
-        start_step = state["global_step"]
+        state = self.resume() if self.resume_path else {"global_step": 0, "data_position": (0, 0)}
+        start_step, start_position = state["global_step"], tuple(state["data_position"])
         # Tokens processed before this process started (TRL's num_tokens: every rank's non-padding tokens).
         tokens_before = state.get("num_tokens", 0)
         self.loggers = Loggers(config, self.env, self.total_steps, start_step)
@@ -533,10 +501,10 @@ class Trainer:
             results["ranking_accuracy_before"] = before["eval/ranking_accuracy"]
 
         batches = MicroBatches(
-            self.train_set, self.collator, self.env, config.per_device_train_batch_size, config.seed,
-            self.micro_per_epoch,
+            self.train_set, self.collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
+            config.seed, self.micro_per_epoch,
         )
-        stream = batches.iterate(start_step * config.gradient_accumulation_steps)
+        stream = batches.iterate(start_position)
         window = MetricWindow(self.env.device)
         self.model.train()
         progress = tqdm(
@@ -545,11 +513,14 @@ class Trainer:
         )
         for step in range(start_step + 1, self.total_steps + 1):
             grad_norm, lr = self.train_step(stream, window)
+            self.nonfinite.after_step(step, grad_norm)
             progress.update(1)
             if step % config.logging_steps == 0 or step == self.total_steps:
                 logs = window.reduce()
                 logs["num_tokens"] = tokens_before + logs.pop("run_tokens")
                 logs.update(grad_norm=grad_norm, lr=lr, epoch=step / self.steps_per_epoch)
+                if config.on_nonfinite == "skip":
+                    logs["skipped_steps"] = self.nonfinite.skipped
                 logs["memory/peak_gib"] = peak_memory_gib(self.env.device)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs['tokens_per_s']:.0f}")
                 self.loggers.log(step, logs)
@@ -557,8 +528,10 @@ class Trainer:
             if self.eval_set is not None and config.eval_steps and step % config.eval_steps == 0 and step != self.total_steps:
                 self.loggers.log(step, self.evaluate())
             if config.save_steps and step % config.save_steps == 0:
+                position = batches.advance(start_position, (step - start_step) * config.gradient_accumulation_steps)
                 trainer_state = {
-                    "global_step": step, "num_tokens": tokens_before + window.global_run_tokens(), "config": vars(config),
+                    "global_step": step, "data_position": position, "world_size": self.env.world_size,
+                    "num_tokens": tokens_before + window.global_run_tokens(), "config": vars(config),
                 }
                 save_checkpoint(self.engine, config.output_dir, step, trainer_state, config.save_total_limit, self.env.rank)
         progress.close()
@@ -624,10 +597,12 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env = init_distributed()
     try:
-        if config.overwrite_output_dir and env.is_main:
-            remove_earlier_run(config.output_dir)
-        dist.barrier()
-        return Trainer(config, env).fit()
+        # The lock comes first: --overwrite_output_dir must not remove the files of a run that is still going.
+        with OutputDirLock(config.output_dir, env.is_main):
+            if config.overwrite_output_dir and env.is_main:
+                remove_earlier_run(config.output_dir)
+            dist.barrier()
+            return Trainer(config, env).fit()
     finally:
         dist.destroy_process_group()
 

@@ -15,7 +15,7 @@ from amapo_fast import evaluate, train
 from amapo_fast.cli import UserError
 from amapo_fast.config import parse_config
 from amapo_fast.data import PreferenceCollator
-from amapo_fast.distributed import DistEnv, OptimConfig, cosine_schedule, warmup_cosine_factor
+from amapo_fast.distributed import OptimConfig, cosine_schedule, warmup_cosine_factor
 from amapo_fast.toy import build_toy_tokenizer, make_toy_preference_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,8 +231,8 @@ def test_small_file_trains_warns_and_logs_num_tokens(small_file, tmp_path, capsy
     finally:
         train.dist.destroy_process_group()
     collator = PreferenceCollator(build_toy_tokenizer().pad_token_id)
-    batches = train.MicroBatches(train_set, collator, DistEnv(0, 1, 0, torch.device("cpu")), 16, config.seed, 1)
-    assert step["num_tokens"] == train.count_tokens(next(batches.iterate(0)))
+    batches = train.MicroBatches(train_set, collator, 0, 1, 16, config.seed, 1)
+    assert step["num_tokens"] == train.count_tokens(next(batches.iterate((0, 0))))
 
 
 def test_output_dir_of_an_earlier_run_is_refused_unless_overwritten(small_file, tmp_path, capsys):

@@ -18,6 +18,7 @@ pytest.importorskip("datasets")  # the trainer's toy data
 from amapo_fast.checkpoint import TRAINER_STATE, resolve_resume
 from amapo_fast.config import build_parser, parse_config
 from amapo_fast.data import IGNORE_INDEX, PreferenceCollator, tokenize_preference_dataset
+from amapo_fast.errors import CheckpointError
 from amapo_fast.toy import make_toy_preference_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +190,7 @@ def test_resume_ignores_half_written_checkpoints(tmp_path):
     (tmp_path / "checkpoint-6.tmp").mkdir()  # a crash while writing step 6
     (tmp_path / "checkpoint-8").mkdir()  # no trainer state: not complete
     assert resolve_resume("latest", str(tmp_path)) == str(complete)
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(str(tmp_path / "checkpoint-8"), str(tmp_path))
 
 

@@ -131,7 +131,7 @@ BUGS = [
         "ranking accuracy on summed instead of average log-probs", EVALUATION),
     Bug("rng-not-restored", "amapo_fast/checkpoint.py", "set_rng_state(torch.load(rng_file, weights_only=False))",
         "torch.load(rng_file, weights_only=False)", "resume does not restore the RNG state", RESUME),
-    Bug("dataloader-draws-global-rng", "amapo_fast/train.py", "                generator=torch.Generator(),\n", "",
+    Bug("dataloader-draws-global-rng", "amapo_fast/batches.py", "                generator=torch.Generator(),\n", "",
         "training DataLoader draws its seed from the global RNG (shifts dropout after a resume)", RESUME),
 ]
 
