@@ -21,6 +21,7 @@ setup(
         "datasets>=3.0",
         "tokenizers",
         "safetensors",
+        "xxhash",  # checkpoint manifests: a fast hash of every file
         "tqdm",
         "pyyaml",
         "matplotlib",

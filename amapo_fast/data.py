@@ -1,4 +1,4 @@
-"""Preference data: loading, tokenization (chat template, truncation, dropped rows) and batching (SPEC section 3).
+"""Preference data: loading, tokenization (chat template, truncation, dropped rows) and batching.
 
 Accepted row formats (the first two are UltraFeedback's and TRL's conversational formats):
   * `chosen` / `rejected` are message lists that include the user turn(s); the prompt is every message but
@@ -348,7 +348,7 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length: int, max_prompt_
 
 
 class PreferenceCollator:
-    """Tokenized rows -> one batch: chosen sequences first, then rejected ones in the same pair order (SPEC 3).
+    """Tokenized rows -> one batch: chosen sequences first, then rejected ones in the same pair order.
 
     Each sequence is prompt + response without its last token; `labels[:, t]` is the token that position t
     predicts (already shifted), -100 on prompt and padding.
