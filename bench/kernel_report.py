@@ -180,8 +180,13 @@ def config_text_of(record):
 
 
 def survivor_problems(records):
-    """Configs the autotuner can pick that would fail or run badly: one line each."""
-    problems = []
+    """Configs the autotuner can pick that would fail or run badly, and kernels left with no config to
+    pick on a chip: one line each."""
+    problems = [
+        f"{kernel} {arch}: every config is pruned, the autotuner has nothing to pick"
+        for kernel, arch in sorted({(r["kernel"], r["arch"]) for r in records})
+        if all(r["pruned"] for r in records if (r["kernel"], r["arch"]) == (kernel, arch))
+    ]
     for record in records:
         if record["pruned"]:
             continue
@@ -284,6 +289,7 @@ def main(argv=None):
     print(text)
     print(f"wrote {args.out / stem}.md and .json")
     if args.check and (survivor_problems(records) or errors):
+        print("kernel_report --check: " + "; ".join(survivor_problems(records) + errors), file=sys.stderr)
         sys.exit(1)
 
 

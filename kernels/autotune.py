@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .inputs import dot_precision
 from .tiles import INTERPRET
 
 # Shared memory per block (opt-in maximum) of the GPUs the kernels are checked for ahead of time.
@@ -147,8 +148,44 @@ def launch_configs(configs, dtype: torch.dtype):
     ]
 
 
+POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+INPUT_DTYPE_POINTERS = ("hidden_ptr", "weight_ptr", "dlogits_ptr")  # in the inputs' dtype; other pointers fp32
+
+
+def aot_target(kernel: str, autotuned, dtype: torch.dtype, max_tile: int | None = None) -> AotTarget:
+    """A log-prob kernel typed as a real launch types it: hidden, weight and the dlogits scratch in dtype,
+    targets int64, other pointers fp32, integer arguments int32 (offsets that fit), no bias; every pointer
+    and integer except the token and vocabulary counts specialised as divisible by 16 (aligned tensors,
+    D and row strides that are multiples of 16)."""
+    fn = autotuned.fn
+    signature, divisible = {}, []
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr or name == "bias_ptr":
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES[dtype] if name in INPUT_DTYPE_POINTERS else (
+                "*i64" if name == "targets_ptr" else "*fp32"
+            )
+            divisible.append(name)
+        else:
+            signature[name] = "i32"
+            if name == "D" or name.endswith("_stride"):
+                divisible.append(name)
+    constexprs = {
+        "bias_ptr": None, "HAS_BIAS": False, "INT64_OFFSETS": False, "INTERPRET": False,
+        "DOT_PRECISION": dot_precision(dtype),
+    }  # fmt: skip
+    configs = launch_configs(autotuned.configs, dtype)
+    return AotTarget(kernel, fn, signature, constexprs, tuple(divisible), configs, max_tile)
+
+
 def aot_targets(dtype: torch.dtype, dim: int) -> list:
     """Both kernels, typed as a real launch at hidden size dim would type them (no bias, int32 offsets)."""
-    from . import dlogits_backward, lse_forward
+    from .dlogits_backward import _dlogits_kernel
+    from .lse_forward import _lse_partials_kernel
 
-    return [module.aot_target(dtype, dim) for module in (lse_forward, dlogits_backward)]
+    return [
+        aot_target("lse_forward", _lse_partials_kernel, dtype, FORWARD_MAX_TILE),
+        aot_target("dlogits_backward", _dlogits_kernel, dtype),
+    ]

@@ -20,8 +20,6 @@ import triton.language as tl
 from ..vocab_chunks import SCRATCH_BYTES, backward_by_vocab_chunks
 from .autotune import (
     BACKWARD_CONFIGS,
-    AotTarget,
-    launch_configs,
     needs_int64_offsets,
     prune_for_device,
     token_block_size,
@@ -114,25 +112,3 @@ def token_grads(hidden, weight, bias, targets, lse, coef, scratch_bytes=SCRATCH_
         hidden, weight, bias, write_dlogits, hidden.dtype, scale, scratch_bytes, columns=chunk_columns
     )
 
-
-def aot_target(dtype: torch.dtype, dim: int) -> AotTarget:
-    element = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    signature = {
-        "hidden_ptr": element, "weight_ptr": element, "bias_ptr": "constexpr", "targets_ptr": "*i64",
-        "lse_ptr": "*fp32", "coef_ptr": "*fp32", "dlogits_ptr": element, "N": "i32", "V": "i32", "D": "i32",
-        "dlogits_stride": "i32", "vocab_offset": "i32", "n_bucket": "i32",
-        "HAS_BIAS": "constexpr", "INT64_OFFSETS": "constexpr", "INTERPRET": "constexpr", "DOT_PRECISION": "constexpr",
-        "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "GROUP_N": "constexpr",
-    }  # fmt: skip
-    return AotTarget(
-        kernel="dlogits_backward",
-        fn=_dlogits_kernel.fn,
-        signature=signature,
-        constexprs={
-            "bias_ptr": None, "HAS_BIAS": False, "INT64_OFFSETS": False, "INTERPRET": False,
-            "DOT_PRECISION": dot_precision(dtype),
-        },  # fmt: skip
-        divisible=("hidden_ptr", "weight_ptr", "targets_ptr", "lse_ptr", "coef_ptr", "dlogits_ptr", "D", "dlogits_stride"),
-        configs=launch_configs(BACKWARD_CONFIGS, dtype),
-        max_tile=None,
-    )

@@ -19,8 +19,6 @@ from ..vocab_chunks import TokenLogprobs
 from .autotune import (
     FORWARD_CONFIGS,
     FORWARD_MAX_TILE,
-    AotTarget,
-    launch_configs,
     needs_int64_offsets,
     prune_for_device,
     token_block_size,
@@ -168,24 +166,3 @@ def combine_partials(partials: torch.Tensor, vocab: int) -> TokenLogprobs:
         argmax_hit=(target_logit >= top).float(),
     )
 
-
-def aot_target(dtype: torch.dtype, dim: int) -> AotTarget:
-    element = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    signature = {
-        "hidden_ptr": element, "weight_ptr": element, "bias_ptr": "constexpr", "targets_ptr": "*i64",
-        "partials_ptr": "*fp32", "N": "i32", "V": "i32", "D": "i32", "n_bucket": "i32", "num_splits": "i32",
-        "HAS_BIAS": "constexpr", "INT64_OFFSETS": "constexpr", "INTERPRET": "constexpr", "DOT_PRECISION": "constexpr",
-        "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr", "GROUP_N": "constexpr",
-    }  # fmt: skip
-    return AotTarget(
-        kernel="lse_forward",
-        fn=_lse_partials_kernel.fn,
-        signature=signature,
-        constexprs={
-            "bias_ptr": None, "HAS_BIAS": False, "INT64_OFFSETS": False, "INTERPRET": False,
-            "DOT_PRECISION": dot_precision(dtype),
-        },  # fmt: skip
-        divisible=("hidden_ptr", "weight_ptr", "targets_ptr", "partials_ptr", "D"),
-        configs=launch_configs(FORWARD_CONFIGS, dtype),
-        max_tile=FORWARD_MAX_TILE,
-    )

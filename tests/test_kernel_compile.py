@@ -48,31 +48,13 @@ def test_surviving_bf16_configs_fit_and_do_not_spill_or_fence(tmp_path):
     # The report compiles for real GPUs: it must not inherit the interpreter switch that conftest sets.
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     command = [sys.executable, str(REPO / "bench" / "kernel_report.py"), "--archs", "sm_80,sm_90", "--dtypes", "bf16",
-               "--dim", "4096", "--survivors-only", "--out", str(tmp_path), "--name", "kernels"]
+               "--dim", "4096", "--survivors-only", "--check", "--out", str(tmp_path), "--name", "kernels"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    # --check fails on a compile error, a survivor that does not fit, spills or fences, or a chip on which a
+    # kernel has no config left.
     assert finished.returncode == 0, finished.stderr[-3000:]
-    report = json.loads((tmp_path / "kernels.json").read_text())
-    assert not report["errors"], report["errors"]
-
-    records = report["records"]
-    survivors = [r for r in records if not r["pruned"]]
-    kernels = {r["kernel"] for r in records}
-    for arch in ("sm_80", "sm_90"):
-        for kernel in kernels:  # pruning must leave the autotuner something to pick on every chip
-            assert any(r["kernel"] == kernel and r["arch"] == arch for r in survivors), f"{kernel}: no config on {arch}"
-    problems = []
-    for r in survivors:
-        where = f"{r['kernel']} {r['arch']} {r['config']}"
-        if r["registers"] is None:
-            problems.append(f"{where}: not compiled")
-            continue
-        if not r["fits"]:
-            problems.append(f"{where}: {r['shared_bytes']} B of shared memory does not fit")
-        if r["spill_bytes"]:
-            problems.append(f"{where}: {r['spill_bytes']} B stack frame (register spills)")
-        if r["fenced_atomics"]:
-            problems.append(f"{where}: fenced atomics")
-    assert not problems, "\n".join(problems)
+    records = json.loads((tmp_path / "kernels.json").read_text())["records"]
+    assert {r["arch"] for r in records if not r["pruned"]} == {"sm_80", "sm_90"}
 
 
 def autotuners():
