@@ -46,16 +46,23 @@ def _ours(impl):
     return build
 
 
-def _build_compiled_reference(device):
-    # Only the [N, V] part is compiled: the B-sized AMaPO stage branches on data (degenerate groups) and
-    # is negligible, so it runs eagerly instead of breaking the graph.
-    compiled_logps = torch.compile(reference_sequence_logps)
+def _reference(compiled):
+    """The loss the obvious way: full logits, log-softmax, gather, then the B-sized stage. Only the loss:
+    the token-level metrics, which `impl="reference"` also derives from the full logits (one more
+    softmax over [N, V]), are left out so the baseline is what a plain trainer pays."""
 
-    def loss_fn(hidden, weight, labels):
-        sums, counts = compiled_logps(hidden, weight, labels)
-        return preference_objective(sums, counts, beta=BETA, loss_type="amapo")[0]
+    def build(device):
+        # Compiled, only the [N, V] part: the B-sized AMaPO stage branches on data (degenerate groups) and
+        # is negligible, so it runs eagerly instead of breaking the graph.
+        logps = torch.compile(reference_sequence_logps) if compiled else reference_sequence_logps
 
-    return loss_fn
+        def loss_fn(hidden, weight, labels):
+            sums, counts = logps(hidden, weight, labels)
+            return preference_objective(sums, counts, beta=BETA, loss_type="amapo")[0]
+
+        return loss_fn
+
+    return build
 
 
 def _triton_available(device):
@@ -113,9 +120,9 @@ PATHS = {
     path.name: path
     for path in (
         Path("reference", "eager PyTorch reference, materialised fp32 logits (AMaPO)", 6, False,
-             _ours("reference"), _always),
+             _reference(compiled=False), _always),
         Path("compile", "the reference's logits part under torch.compile (AMaPO)", 6, False,
-             _build_compiled_reference, _always),
+             _reference(compiled=True), _always),
         Path("chunked", "ours: chunked PyTorch twin of the kernels (AMaPO)", 8, True, _ours("chunked"), _always),
         Path("triton", "ours: fused Triton kernels (AMaPO)", 8, True, _ours("triton"), _triton_available),
         Path("liger", "liger-kernel LigerFusedLinearSimPOLoss (SimPO)", 6, False, _build_liger, _liger_available),
