@@ -42,21 +42,25 @@ def token_logprobs(hidden, weight, bias, targets, chunk_bytes: int = CHUNK_BYTES
     acc = accumulation_dtype(hidden.dtype)
     result = TokenLogprobs(*torch.empty(5, num_tokens, dtype=acc, device=hidden.device))
     weight_acc = weight.to(acc)
+    # A token's mean logit is its hidden state against the mean weight row: one matrix-vector product
+    # instead of a pass over its V logits.
+    mean_row = weight_acc.mean(0)
+    mean_bias = 0.0 if bias is None else bias.to(acc).mean()
     step = chunk_tokens(vocab, chunk_bytes)
     for start in range(0, num_tokens, step):
         stop = min(start + step, num_tokens)
         logits = _logits(hidden[start:stop], weight_acc, bias)
         top = logits.amax(1, keepdim=True)
         target_logit = logits.gather(1, targets[start:stop, None])
-        result.mean_logit[start:stop] = logits.mean(1)
+        exp_logits = torch.sub(logits, top).exp_()
+        sum_exp = exp_logits.sum(1)
+        lse = top.squeeze(1) + torch.log(sum_exp)
+        result.lse[start:stop] = lse
+        result.logp[start:stop] = target_logit.squeeze(1) - lse
+        # Row-wise dot products through einsum (a batched matmul): several times faster than multiply-and-sum.
+        result.entropy[start:stop] = lse - torch.einsum("tv,tv->t", exp_logits, logits) / sum_exp
         result.argmax_hit[start:stop] = (target_logit >= top).squeeze(1).to(acc)
-        exp_logits = torch.exp(logits - top)
-        sum_exp = exp_logits.sum(1, keepdim=True)
-        lse = top + torch.log(sum_exp)
-        result.lse[start:stop] = lse.squeeze(1)
-        result.logp[start:stop] = (target_logit - lse).squeeze(1)
-        expected_logit = (exp_logits.mul_(logits)).sum(1, keepdim=True) / sum_exp
-        result.entropy[start:stop] = (lse - expected_logit).squeeze(1)
+        result.mean_logit[start:stop] = hidden[start:stop].to(acc) @ mean_row + mean_bias
     return result
 
 
