@@ -46,6 +46,16 @@ def _backend(impl: str):
     return _triton_backend() if impl == "triton" else chunked
 
 
+def _add_rows(target, index, values):
+    """target[index[i]] += values[i], in an order fixed from run to run on every device, so the sequence
+    sums (hence the loss and every gradient coefficient) are bit-identical across identical calls.
+    index_add_ is serial on CPU but uses atomics on CUDA; index_put_ with accumulate sorts the indices on
+    CUDA but adds in parallel on CPU."""
+    if target.is_cuda:
+        return target.index_put_((index,), values, accumulate=True)
+    return target.index_add_(0, index, values)
+
+
 class ResponseTokens:
     """The response tokens of a batch, flattened: which rows of hidden they are and which sequence owns them.
 
@@ -101,7 +111,7 @@ class ResponseTokens:
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.positions)
 
     def sequence_sums(self, token_values):
-        return token_values.new_zeros(self.num_rows).index_add_(0, self.sequence, token_values)
+        return _add_rows(token_values.new_zeros(self.num_rows), self.sequence, token_values)
 
 
 class _FusedPreferenceLoss(torch.autograd.Function):
@@ -147,7 +157,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_hidden = d_response.new_zeros(tokens.num_positions, d_response.shape[1])
             # Accumulate: under prefix sharing one hidden row predicts a token of each of two sequences.
-            d_hidden.index_add_(0, tokens.positions, d_response)
+            _add_rows(d_hidden, tokens.positions, d_response)
             d_hidden = d_hidden.reshape(ctx.hidden_shape)
         return (
             d_hidden,
