@@ -52,13 +52,17 @@ def token_logprobs(hidden, weight, bias, targets, chunk_bytes: int = CHUNK_BYTES
         logits = _logits(hidden[start:stop], weight_acc, bias)
         top = logits.amax(1, keepdim=True)
         target_logit = logits.gather(1, targets[start:stop, None])
-        exp_logits = torch.sub(logits, top).exp_()
-        sum_exp = exp_logits.sum(1)
-        lse = top.squeeze(1) + torch.log(sum_exp)
+        shifted = logits.sub_(top)  # in place: logits - max, all <= 0
+        exp_shifted = shifted.exp()
+        sum_exp = exp_shifted.sum(1)
+        log_sum_exp = torch.log(sum_exp)
+        lse = top.squeeze(1) + log_sum_exp
         result.lse[start:stop] = lse
         result.logp[start:stop] = target_logit.squeeze(1) - lse
-        # Row-wise dot products through einsum (a batched matmul): several times faster than multiply-and-sum.
-        result.entropy[start:stop] = lse - torch.einsum("tv,tv->t", exp_logits, logits) / sum_exp
+        # entropy = lse - E_p[logit] = log(sum_exp) - E_p[logit - max]: on the shifted logits the two terms are
+        # small and their difference keeps fp32 precision. The row-wise dot products go through einsum
+        # (a batched matmul), several times faster on CPU than multiply-and-sum.
+        result.entropy[start:stop] = log_sum_exp - torch.einsum("tv,tv->t", exp_shifted, shifted) / sum_exp
         result.argmax_hit[start:stop] = (target_logit >= top).squeeze(1).to(acc)
         result.mean_logit[start:stop] = hidden[start:stop].to(acc) @ mean_row + mean_bias
     return result
