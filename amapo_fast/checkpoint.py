@@ -234,7 +234,10 @@ def load_checkpoint(engine, path: str, rank: int, backend: str) -> dict:
 
 
 def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int):
-    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads."""
+    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads.
+
+    Written beside `directory` and renamed into place once complete, so a run killed while saving leaves
+    no folder that looks finished (an older `directory` stays until the new one replaces it)."""
     check_finite_weights(engine.policy, directory)
     state = engine.full_state_dict()  # collective: every rank takes part
     if rank == 0:
@@ -242,6 +245,10 @@ def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtyp
         weights = {key[len(prefix):]: value.to(dtype) for key, value in state.items() if key.startswith(prefix)}
         causal_lm = policy.causal_lm
         causal_lm.config.dtype = dtype
-        causal_lm.save_pretrained(directory, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+        partial = directory.rstrip(os.sep) + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(partial, directory)
     dist.barrier()

@@ -98,11 +98,11 @@ def require_existing_if_local(name: str, flag: str):
         raise UserError(f"{flag} {name}: no such file or folder")
 
 
-def check_output_dir(path: str, flag: str, *, must_be_empty: bool = False, empty_hint: str = ""):
+def check_output_dir(path: str, flag: str, *, must_be_empty: bool = False, empty_hint: str = "", ignore=()):
     """Refuse an output folder that cannot be used, before anything expensive runs.
 
     Refused: a path that is a file, a path under a file, a folder (or its nearest existing parent) that this
-    process cannot write, and, with `must_be_empty`, a folder that already holds files.
+    process cannot write, and, with `must_be_empty`, a folder that already holds files other than `ignore`.
     """
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
@@ -114,5 +114,5 @@ def check_output_dir(path: str, flag: str, *, must_be_empty: bool = False, empty
         raise UserError(f"{flag} {path}: cannot create it, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable")
-    if must_be_empty and existing == path and os.listdir(path):
+    if must_be_empty and existing == path and set(os.listdir(path)) - set(ignore):
         raise UserError(f"{flag} {path}: holds files of an earlier run{empty_hint}")

@@ -180,7 +180,7 @@ class Fsdp2Engine:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.optimizer.param_groups[0]["lr"]  # the rate the next optimizer step uses
 
     def backward(self, loss, last_micro_batch: bool):
         # Gradients are reduce-scattered only on the last micro-batch of an accumulation.
@@ -221,6 +221,10 @@ class Fsdp2Engine:
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
         )
         self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
+        # The optimizer state carries the rate the saved run's schedule set for its next step; a resumed run
+        # with another schedule (a longer --max_steps) takes its next rate from its own schedule instead.
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
 
     def full_state_dict(self) -> dict | None:
         """The whole model's weights on rank 0 (CPU), None elsewhere."""

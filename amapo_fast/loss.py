@@ -171,8 +171,8 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
 def _validate_head(hidden, weight, bias):
     """hidden, weight and bias: types, shapes, dtypes and devices, naming the offending tensor."""
-    for name, tensor in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(tensor, torch.Tensor):
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
@@ -198,6 +198,11 @@ def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be int64 or int32, got {labels.dtype}")
+    if cu_seqlens is not None and (
+        not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int64, torch.int32)
+    ):
+        kind = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise TypeError(f"cu_seqlens must be an int64 or int32 tensor of sequence boundaries, got {kind}")
     for name, tensor in (("labels", labels), ("cu_seqlens", cu_seqlens)):
         if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device}, hidden is on {hidden.device}")
@@ -308,7 +313,9 @@ def linear_preference_loss(
     else:
         rows = _validate_token_index(hidden, weight, bias, labels, cu_seqlens, token_index)
     _check_pair_rows(rows)
-    validate_objective_args(beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device)
+    validate_objective_args(
+        beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device, gamma_beta_ratio
+    )
     objective_kwargs = dict(
         beta=beta,
         loss_type=loss_type,

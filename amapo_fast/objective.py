@@ -17,6 +17,9 @@ STATS_SCOPES = ("global", "local")
 # exp() of the margin's exponent is capped here so that no finite input can give an infinite margin
 # (e^80 ~ 5.5e34 is far beyond any margin that carries information; below the cap the math is exact).
 MAX_MARGIN_EXPONENT = 80.0
+# Recipes use beta of 0.01 to 10. Above 1000 the capped margin (beta * e^80) and the loss can overflow the
+# fp32 loss and metrics, so no finite input could be promised a finite loss.
+MAX_BETA = 1000.0
 
 # Pair-level metrics (what preference_objective returns), with the keys TRL and the authors' trainer log.
 SEQUENCE_METRIC_KEYS = (
@@ -171,19 +174,25 @@ def token_metrics(mean_logit_sums, entropy_sums, argmax_hit_sums, seq_lengths) -
     return {key: value.float() for key, value in values.items()}
 
 
-def validate_objective_args(beta, loss_type, label_smoothing, stats_scope, ref_logps, num_rows, device):
+def validate_objective_args(
+    beta, loss_type, label_smoothing, stats_scope, ref_logps, num_rows, device, gamma_beta_ratio=0.0
+):
     """Clear errors for the stage's scalar arguments, before any heavy work is done."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     if stats_scope not in STATS_SCOPES:
         raise ValueError(f"stats_scope={stats_scope!r}: expected 'global' or 'local'")
-    if not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta={beta}: must be a finite positive number")
+    if not math.isfinite(beta) or not 0 < beta <= MAX_BETA:
+        raise ValueError(f"beta={beta}: must be positive and at most {MAX_BETA:g}")
+    if not math.isfinite(gamma_beta_ratio):
+        raise ValueError(f"gamma_beta_ratio={gamma_beta_ratio}: must be finite")
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing={label_smoothing}: must lie in [0, 0.5]")
     if loss_type == "dpo":
         if ref_logps is None:
             raise ValueError("loss_type='dpo' needs ref_logps: the reference model's summed log-probs, shape [2B]")
+        if not isinstance(ref_logps, torch.Tensor):
+            raise TypeError(f"ref_logps must be a torch.Tensor of shape ({num_rows},), got {type(ref_logps).__name__}")
         if ref_logps.shape != (num_rows,):
             raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}, expected ({num_rows},)")
         if ref_logps.device != device:

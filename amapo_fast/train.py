@@ -58,7 +58,7 @@ from amapo_fast.distributed import (  # noqa: E402
 )
 from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  # noqa: E402
 from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
-from amapo_fast.guard import NonFiniteSteps, OutputDirLock, strict_json  # noqa: E402
+from amapo_fast.guard import LOCK_FILE, NonFiniteSteps, OutputDirLock, strict_json  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
 
@@ -518,7 +518,9 @@ class Trainer:
             if step % config.logging_steps == 0 or step == self.total_steps:
                 logs = window.reduce()
                 logs["num_tokens"] = tokens_before + logs.pop("run_tokens")
-                logs.update(grad_norm=grad_norm, lr=lr, epoch=step / self.steps_per_epoch)
+                epoch, offset = batches.advance(start_position, (step - start_step) * config.gradient_accumulation_steps)
+                # From the data position, which a resume on another number of processes keeps (step counts don't).
+                logs.update(grad_norm=grad_norm, lr=lr, epoch=epoch + offset / batches.pairs_per_epoch)
                 if config.on_nonfinite == "skip":
                     logs["skipped_steps"] = self.nonfinite.skipped
                 logs["memory/peak_gib"] = peak_memory_gib(self.env.device)
@@ -587,6 +589,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_output_dir(
         config.output_dir, "--output_dir", must_be_empty=not (config.resume or config.overwrite_output_dir),
         empty_hint="; pass --overwrite_output_dir to replace it, --resume to continue it, or another --output_dir",
+        # A run killed before its first checkpoint leaves only its lock, which the next run takes over (a
+        # live run's lock still refuses it, with that run's pid and host).
+        ignore=(LOCK_FILE,),
     )
     if config.backend == "deepspeed":
         # DeepSpeed calls collectives that torch has deprecated; the FutureWarning would come back every step.

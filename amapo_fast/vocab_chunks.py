@@ -92,6 +92,8 @@ def backward_by_vocab_chunks(
     """
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
+    if columns is not None and columns < 1:
+        raise ValueError(f"chunk columns must be >= 1, got {columns}")
     if columns is None:
         columns = chunk_columns(num_tokens, vocab, torch.empty((), dtype=scratch_dtype).element_size(), scratch_bytes)
     columns = min(columns, vocab)

@@ -87,3 +87,26 @@ def test_sequence_logps_names_a_mismatched_tensor(impl):
     hidden, weight, labels = _batch()
     with pytest.raises(ValueError, match="labels has shape"):
         sequence_logps(hidden, weight, labels[:, :-1], impl=impl)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(beta=1e38), "beta=1e\\+38: must be positive and at most 1000"),
+        (dict(beta=2.0, gamma_beta_ratio=float("inf"), loss_type="simpo"), "gamma_beta_ratio=inf"),
+        (dict(beta=2.0, loss_type="dpo", ref_logps=[0.0] * 4), "ref_logps must be a torch.Tensor"),
+        (dict(beta=2.0, bias=[0.0] * 300), "bias must be a torch.Tensor"),
+    ],
+)
+def test_arguments_that_would_overflow_or_crash_are_named(kwargs, match):
+    hidden, weight, labels = _batch()
+    with pytest.raises((ValueError, TypeError), match=match):
+        linear_preference_loss(hidden, weight, labels, **kwargs)
+
+
+@pytest.mark.parametrize("cu_seqlens", [[0, 9, 18, 27, 36], torch.tensor([0.0, 9.5, 18.0, 27.0, 36.0])])
+def test_cu_seqlens_must_be_an_integer_tensor(cu_seqlens):
+    hidden, weight, labels = _batch()
+    with pytest.raises(TypeError, match="cu_seqlens must be an int64 or int32 tensor"):
+        linear_preference_loss(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), beta=2.0,
+                               cu_seqlens=cu_seqlens)

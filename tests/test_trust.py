@@ -330,3 +330,23 @@ def test_row_mixing_strings_and_message_lists_names_the_file_and_row(tmp_path):
     rows = Dataset.from_list([{"prompt": "p", "chosen": "a", "rejected": ["b"]}] * 2)
     with pytest.raises(ValueError, match=r"row 0: 'rejected' is a list \(\"\['b'\]\"\); expected a string or a list"):
         tokenize_preference_dataset(rows, load_tokenizer("toy"), 128, 64)
+
+
+def test_a_folder_holding_only_a_stale_lock_starts_a_fresh_run(tmp_path):
+    """A run killed before its first checkpoint leaves only its lock: the same command starts again."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
+    main(TINY + ["--max_steps", "1", "--eval_split", "none", "--output_dir", str(output_dir)])
+    assert _train_losses(output_dir)
+
+
+def test_a_resumed_run_with_a_longer_schedule_follows_its_own_rates(tmp_path):
+    """Resuming with a larger --max_steps: the first resumed step's rate comes from the new schedule, not
+    from the rate the checkpoint's optimizer state carried (the old schedule's end)."""
+    common = TINY + ["--eval_split", "none", "--save_steps", "2"]
+    main(common + ["--max_steps", "4", "--output_dir", str(tmp_path / "a")])
+    main(common + ["--max_steps", "8", "--output_dir", str(tmp_path / "a"), "--resume"])
+    main(common + ["--max_steps", "8", "--output_dir", str(tmp_path / "b")])
+    rates = [{r["step"]: r["lr"] for r in _records(tmp_path / name) if "lr" in r} for name in ("a", "b")]
+    assert rates[0][5] == pytest.approx(rates[1][5], rel=1e-9) and rates[0][5] > 0
