@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .cli import ArgumentParser, HelpFormatter, UserError, add_debug_flag
 from .loss import IMPLS
-from .objective import LOSS_TYPES, STATS_SCOPES
+from .objective import LOSS_TYPES, MAX_BETA, STATS_SCOPES
 
 BACKENDS = ("fsdp2", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -230,6 +230,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         _refuse_unless(0 <= value < 1, name, value, "must lie in [0, 1)")
     _refuse_unless(0 <= config.label_smoothing <= 0.5, "label_smoothing", config.label_smoothing, "must lie in [0, 0.5]")
     _refuse_unless(math.isfinite(config.gamma_beta_ratio), "gamma_beta_ratio", config.gamma_beta_ratio, "must be finite")
+    _refuse_unless(config.beta <= MAX_BETA, "beta", config.beta, f"must be at most {MAX_BETA:g}")
     _refuse_unless(
         config.max_steps >= -1, "max_steps", config.max_steps,
         "must be a positive number of optimizer steps, or -1 to take num_train_epochs",
