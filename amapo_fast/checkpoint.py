@@ -233,6 +233,17 @@ def load_checkpoint(engine, path: str, rank: int, backend: str) -> dict:
     return state
 
 
+def _readable_like_new_files(directory: str):
+    """Give the saved files the permissions of any new file (0666 less the umask): transformers writes the
+    weights through a private temporary file, which leaves them readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int):
     """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads.
 
@@ -249,6 +260,7 @@ def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtyp
         shutil.rmtree(partial, ignore_errors=True)
         causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(partial)
+        _readable_like_new_files(partial)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(partial, directory)
     dist.barrier()

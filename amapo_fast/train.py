@@ -64,7 +64,7 @@ from amapo_fast.objective import preference_objective  # noqa: E402
 
 LOG_FILE = "log.jsonl"
 # What an earlier run leaves in output_dir; --overwrite_output_dir removes exactly these.
-RUN_OUTPUTS = (LOG_FILE, "checkpoint-*", "final", "tensorboard")
+RUN_OUTPUTS = (LOG_FILE, "checkpoint-*", "final", "final.partial", "tensorboard")
 # A run of fewer optimizer steps than this gets a warning: it can hardly learn anything.
 FEW_STEPS = 10
 
@@ -556,19 +556,7 @@ class Trainer:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         save_pretrained(self.engine, self.policy, self.tokenizer, final_dir, dtype, self.env.rank)
         if self.env.is_main:
-            _readable_like_new_files(final_dir)
             print(f"saved the trained model to {final_dir} (AutoModelForCausalLM.from_pretrained loads it)")
-
-
-def _readable_like_new_files(directory: str):
-    """Give the saved files the permissions of any new file (0666 less the umask): transformers writes the
-    weights through a private temporary file, which leaves them readable by their owner only."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            os.chmod(path, 0o666 & ~umask)
 
 
 # --- command line: settings and the output folder are checked before anything loads ------------------------

@@ -350,3 +350,17 @@ def test_a_resumed_run_with_a_longer_schedule_follows_its_own_rates(tmp_path):
     main(common + ["--max_steps", "8", "--output_dir", str(tmp_path / "b")])
     rates = [{r["step"]: r["lr"] for r in _records(tmp_path / name) if "lr" in r} for name in ("a", "b")]
     assert rates[0][5] == pytest.approx(rates[1][5], rel=1e-9) and rates[0][5] > 0
+
+
+def test_final_folder_appears_complete_and_readable(tmp_path):
+    """final/ is written beside its place and renamed in once complete, its files as readable as any new file."""
+    output_dir = tmp_path / "out"
+    old_umask = os.umask(0o022)
+    try:
+        main(TINY + ["--max_steps", "1", "--eval_split", "none", "--save_final", "true", "--output_dir", str(output_dir)])
+    finally:
+        os.umask(old_umask)
+    final = output_dir / "final"
+    assert not (output_dir / "final.partial").exists()
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in final.iterdir()}
+    assert all((path.stat().st_mode & 0o777) == 0o644 for path in final.iterdir() if path.is_file())
