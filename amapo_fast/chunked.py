@@ -79,8 +79,8 @@ def token_grads(hidden, weight, bias, targets, lse, coef, chunk_bytes: int = CHU
     coef = coef[:, None].to(acc)
     lse = lse[:, None].to(acc)
 
-    def write_dlogits(start, stop, out):
-        torch.mm(hidden_acc, weight[start:stop].to(acc).T, out=out)
+    def write_dlogits(start, stop, weight_chunk, out):
+        torch.mm(hidden_acc, weight_chunk.T, out=out)
         if bias is not None:
             out += bias[start:stop].to(acc)
         out.sub_(lse).exp_().mul_(-coef)  # in place: logits -> probabilities -> dlogits

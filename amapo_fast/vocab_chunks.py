@@ -77,7 +77,7 @@ def backward_by_vocab_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    write_dlogits: Callable[[int, int, torch.Tensor], None],
+    write_dlogits: Callable[[int, int, torch.Tensor, torch.Tensor], None],
     scratch_dtype: torch.dtype,
     scale: torch.Tensor | None = None,
     scratch_bytes: int = SCRATCH_BYTES,
@@ -85,8 +85,8 @@ def backward_by_vocab_chunks(
 ):
     """(d_hidden [N, D], d_weight [V, D], d_bias [V] or None), in the input dtypes.
 
-    write_dlogits(start, stop, out) fills out [N, stop - start] with the dlogits of vocabulary columns
-    [start, stop), divided by scale when scale (a 0-dim fp32 tensor) is given: fp16 scratch values are
+    write_dlogits(start, stop, weight_chunk, out) fills out [N, stop - start] with the dlogits of vocabulary
+    columns [start, stop) (weight_chunk: those rows of the weight in the scratch dtype, the GEMMs' operand), divided by scale when scale (a 0-dim fp32 tensor) is given: fp16 scratch values are
     kept near 1 that way instead of underflowing, and the GEMM results are multiplied back in fp32.
     columns overrides the chunk width that scratch_bytes would give (tests force several chunks with it).
     """
@@ -99,15 +99,16 @@ def backward_by_vocab_chunks(
     columns = min(columns, vocab)
     accumulation = torch.promote_types(scratch_dtype, torch.float32)
     scratch = torch.empty(num_tokens, columns, dtype=scratch_dtype, device=hidden.device)
-    gemm_hidden = hidden.to(scratch_dtype)
+    gemm_hidden = hidden.to(scratch_dtype)  # no copy when the dtypes match (the Triton path)
+    gemm_weight = weight.to(scratch_dtype)
     d_hidden = torch.zeros(num_tokens, dim, dtype=accumulation, device=hidden.device)
     d_weight = torch.empty_like(weight)
     d_bias = None if bias is None else torch.empty_like(bias)
     for start in range(0, vocab, columns):
         stop = min(start + columns, vocab)
         dlogits = scratch[:, : stop - start]
-        write_dlogits(start, stop, dlogits)
-        _accumulate(d_hidden, dlogits, weight[start:stop].to(scratch_dtype))
+        write_dlogits(start, stop, gemm_weight[start:stop], dlogits)
+        _accumulate(d_hidden, dlogits, gemm_weight[start:stop])
         if scale is None and d_weight.dtype == scratch_dtype:
             torch.mm(dlogits.T, gemm_hidden, out=d_weight[start:stop])  # 16-bit out, fp32 accumulation inside
         else:

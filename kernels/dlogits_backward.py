@@ -95,14 +95,14 @@ def token_grads(hidden, weight, bias, targets, lse, coef, scratch_bytes=SCRATCH_
         HAS_BIAS=bias is not None, INTERPRET=INTERPRET, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_N=block_n
     )
 
-    def write_dlogits(start, stop, out):
+    def write_dlogits(start, stop, weight_chunk, out):
         chunk_vocab = stop - start
 
         def grid(meta):
             return (triton.cdiv(num_tokens, block_n) * triton.cdiv(chunk_vocab, meta["BLOCK_V"]),)
 
         _dlogits_kernel[grid](
-            hidden, weight[start:stop], None if bias is None else bias[start:stop], targets, lse, coef, out,
+            hidden, weight_chunk, None if bias is None else bias[start:stop], targets, lse, coef, out,
             num_tokens, chunk_vocab, dim, out.stride(0), start, token_bucket(num_tokens),
             INT64_OFFSETS=needs_int64_offsets(num_tokens * dim, chunk_vocab * dim, num_tokens * out.stride(0)),
             **launch,

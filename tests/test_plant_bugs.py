@@ -48,3 +48,8 @@ def test_every_planted_bug_has_a_unique_name_and_a_test_selection(plant_bugs):
     assert len(names) == len(set(names))
     for bug in plant_bugs.BUGS:
         assert bug.tests and all((TOOL.parents[1] / arg).exists() for arg in bug.tests if arg.startswith("tests/"))
+
+
+def test_every_snippet_still_matches_the_code(plant_bugs):
+    """The tool stays runnable: a change to the code a planted bug targets updates that bug too."""
+    assert plant_bugs.drift(plant_bugs.BUGS) == []
