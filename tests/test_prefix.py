@@ -218,8 +218,8 @@ def test_evaluation_scores_pairs_with_the_shared_layout(tokenizer, rows):
 
 
 def test_bf16_shared_log_probs_stay_within_bf16_rounding(tokenizer, rows):
-    """In bf16 the shared and unshared forwards round differently (other summation shapes), but they differ from
-    each other by less than bf16's own distance from the fp32 result."""
+    """In bf16 the shared and unshared forwards may round differently (other summation shapes; some builds give
+    identical bits), but they differ from each other by no more than bf16's own distance from the fp32 result."""
     torch.manual_seed(4)
     fp32 = load_policy("toy", tokenizer=tokenizer, beta=2.0, prefix_sharing=True)
     bf16 = load_policy("toy", tokenizer=tokenizer, beta=2.0, prefix_sharing=True, dtype=torch.bfloat16)
@@ -230,4 +230,5 @@ def test_bf16_shared_log_probs_stay_within_bf16_rounding(tokenizer, rows):
     bf16_unshared, _ = bf16.sequence_logps(unshared)
     bf16_shared, _ = bf16.sequence_logps(shared)
     rounding = ((bf16_unshared - exact).abs() / exact.abs()).max()
-    assert 0 < ((bf16_shared - bf16_unshared).abs() / exact.abs()).max() <= rounding
+    assert rounding > 0  # the bf16 model really computes in bf16
+    assert ((bf16_shared - bf16_unshared).abs() / exact.abs()).max() <= rounding
