@@ -36,6 +36,6 @@ setup(
         "cut-cross-entropy": ["cut-cross-entropy"],
         # TRL's CPOTrainer and DPOTrainer, compared in bench/train_step.py when installed.
         "trl": ["trl>=1.0"],
-        "dev": ["pytest", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil"],
+        "dev": ["pytest", "pytest-timeout", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil"],
     },
 )

@@ -264,6 +264,16 @@ def deepspeed_config(optim: OptimConfig) -> dict:
     }
 
 
+def _without_shared_memory_all_reduce():
+    """DeepSpeed's CPU backend builds a shared-memory all-reduce (a C++ extension, compiled on first use behind a
+    file lock) and, while joining, each rank spins until every peer's segment exists, with no timeout: one
+    slow or missing peer hangs the whole group forever. Gloo does every collective of a CPU run, so the
+    extension is marked unavailable (DeepSpeed reads this table before it builds) and never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO-3 with torch's AdamW (`torch_adam`: no extension build) and our cosine schedule."""
 
@@ -271,6 +281,8 @@ class DeepSpeedEngine:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
+        if env.device.type == "cpu":
+            _without_shared_memory_all_reduce()
         self.env, self.optim = env, optim
         self.config = deepspeed_config(optim)
         # While this object lives, transformers builds models under deepspeed.zero.Init: each parameter is

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from amapo_fast import linear_preference_loss
+from spawn_guard import spawn
 from test_loss import make_batch
 
 PAIRS_PER_RANK = (3, 2)
@@ -53,7 +54,7 @@ def test_global_statistics_equal_union_of_ranks(impl):
     pairs = sum(PAIRS_PER_RANK)
     hidden, weight, labels, _ = make_batch(pairs=pairs, dim=12, vocab=40)
     results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(_free_port(), hidden, weight, labels, impl, results), nprocs=2, join=True)
+    spawn(_rank_main, args=(_free_port(), hidden, weight, labels, impl, results), nprocs=2)
 
     union_h = hidden.clone().requires_grad_(True)
     union_w = weight.clone().requires_grad_(True)

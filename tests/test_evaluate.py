@@ -28,6 +28,7 @@ from amapo_fast.evaluate import (
 from amapo_fast.model import load_policy, load_tokenizer
 from amapo_fast.reference import reference_sequence_logps
 from amapo_fast.toy import make_toy_preference_dataset
+from spawn_guard import spawn
 
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 64
 
@@ -264,7 +265,7 @@ def test_score_pairs_gathers_every_rank_in_dataset_order():
     world_size, context = 2, mp.get_context("spawn")
     results = context.SimpleQueue()
     port = random.randint(20000, 60000)
-    mp.spawn(_distributed_worker, args=(world_size, port, rows, results), nprocs=world_size, join=True)
+    spawn(_distributed_worker, args=(world_size, port, rows, results), nprocs=world_size)
     gathered = sorted(results.get() for _ in range(world_size))
     assert [forwards for _, forwards, _, _ in gathered] == [2, 2]  # 4 positions each (one a repeat), batches of 2
     for _, _, chosen, rejected in gathered:

@@ -7,13 +7,13 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("datasets")  # the toy data
 
 from amapo_fast.data import PreferenceCollator, tokenize_preference_dataset
 from amapo_fast.model import load_policy
 from amapo_fast.toy import build_toy_tokenizer, make_toy_preference_dataset, tiny_llama_config
+from spawn_guard import spawn
 
 WORLD_SIZE = 2
 # Both ranks score the same batch, so with rank-local statistics the loss is the plain model's.
@@ -94,7 +94,7 @@ def lean_load(request, saved_model, tmp_path_factory):
     if request.param == "deepspeed":
         pytest.importorskip("deepspeed")
     out_dir = tmp_path_factory.mktemp(request.param)
-    mp.spawn(_worker, args=(request.param, _free_port(), str(saved_model), str(out_dir)), nprocs=WORLD_SIZE)
+    spawn(_worker, args=(request.param, _free_port(), str(saved_model), str(out_dir)), nprocs=WORLD_SIZE)
     return request.param, [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
