@@ -176,6 +176,60 @@ def test_damaged_checkpoint_is_one_line(one_process_run, tmp_path, damage):
     assert "\n" not in str(raised.value)
 
 
+def _flip_a_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(checkpoint: Path, edit):
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    (checkpoint / MANIFEST).write_text(json.dumps(edit(manifest)))
+
+
+def _without(entries: dict, name: str) -> dict:
+    return {key: value for key, value in entries.items() if key != name}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["emptied manifest, changed shard", "shard's entry deleted, shard changed", "shard and its entry deleted",
+     "metadata and its entry deleted", "scheduler's entry deleted", "an rng state and its entry deleted",
+     "files is a list", "entry without a size"],
+)
+def test_a_manifest_that_does_not_vouch_for_every_file_is_refused(one_process_run, tmp_path, damage):
+    """The manifest must list every file the checkpoint needs: emptying it, or deleting a file's entry (and the
+    file), never lets a resume load different weights or die with a traceback."""
+    checkpoint = _copy_checkpoint(one_process_run / "checkpoint-2", tmp_path)
+    shard = next((checkpoint / "dcp").glob("*.distcp"))
+    shard_name = f"dcp/{shard.name}"
+    if damage == "emptied manifest, changed shard":
+        _edit_manifest(checkpoint, lambda manifest: {"files": {}})
+        _flip_a_byte(shard)
+        expected = rf"{MANIFEST} does not list {TRAINER_STATE}"
+    elif damage == "shard's entry deleted, shard changed":
+        _edit_manifest(checkpoint, lambda manifest: {"files": _without(manifest["files"], shard_name)})
+        _flip_a_byte(shard)
+        expected = rf"{MANIFEST} does not list {shard}, which the checkpoint needs"
+    elif damage == "files is a list":
+        _edit_manifest(checkpoint, lambda manifest: {"files": []})
+        expected = rf"{checkpoint / MANIFEST} holds no 'files' object"
+    elif damage == "entry without a size":
+        _edit_manifest(checkpoint, lambda manifest: {"files": {**manifest["files"], shard_name: {"xxh3_64": "0"}}})
+        expected = rf"{checkpoint / MANIFEST}: entry '{shard_name}' is not a file inside the checkpoint"
+    else:
+        name = {"shard and its entry deleted": shard_name, "metadata and its entry deleted": "dcp/.metadata",
+                "scheduler's entry deleted": "scheduler.pt", "an rng state and its entry deleted": "rng_state_0.pt"}[damage]
+        if damage != "scheduler's entry deleted":
+            (checkpoint / name).unlink()
+        _edit_manifest(checkpoint, lambda manifest: {"files": _without(manifest["files"], name)})
+        expected = rf"{MANIFEST} does not list {checkpoint / name}, which the checkpoint needs"
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {checkpoint} is damaged: {expected}") as raised:
+        main(FROZEN + ["--max_steps", "4", "--resume", str(checkpoint), "--output_dir", str(tmp_path / "out"),
+                       "--debug"])
+    assert "\n" not in str(raised.value)
+
+
 class _FakeEngine:
     """Stands for an engine in save_checkpoint: one small 'shard' file per save."""
 
