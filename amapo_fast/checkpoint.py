@@ -35,26 +35,31 @@ HASH_BLOCK_BYTES = 1 << 24
 
 
 def completed_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint folders of output_dir, oldest first (temporary and half-deleted folders are ignored)."""
+    """Checkpoint folders of output_dir that a save completed, oldest first: those holding a trainer state or a
+    manifest (a save renames its folder into place only once both are written, so a `checkpoint-N` with only
+    one of them is damaged, not half-written). Temporary and half-deleted folders are ignored."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
         path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        if match and any(os.path.isfile(os.path.join(path, marker)) for marker in (TRAINER_STATE, MANIFEST)):
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
 def resolve_resume(resume: str, output_dir: str) -> str:
-    """The folder to resume from: the given one, or the newest complete one in output_dir for 'latest'."""
+    """The folder to resume from: the given one, or the newest complete one in output_dir for 'latest'. A
+    damaged newest checkpoint is refused, never passed over for an older one."""
     if resume == "latest":
         checkpoints = completed_checkpoints(output_dir)
         if not checkpoints:
             raise CheckpointError(f"--resume latest: no complete checkpoint-N folder in {output_dir!r}")
-        return checkpoints[-1]
+        resume = checkpoints[-1]
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
+        if os.path.isfile(os.path.join(resume, MANIFEST)):
+            raise _damaged(resume, f"it has a {MANIFEST} but no {TRAINER_STATE} (deleted after the save)")
         raise CheckpointError(f"--resume {resume!r}: not a complete checkpoint folder (no {TRAINER_STATE})")
     return resume
 

@@ -22,6 +22,7 @@ from amapo_fast.checkpoint import (
     TRAINER_STATE,
     completed_checkpoints,
     load_checkpoint,
+    resolve_resume,
     verify_checkpoint,
     write_manifest,
 )
@@ -228,6 +229,21 @@ def test_a_manifest_that_does_not_vouch_for_every_file_is_refused(one_process_ru
         main(FROZEN + ["--max_steps", "4", "--resume", str(checkpoint), "--output_dir", str(tmp_path / "out"),
                        "--debug"])
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("resume", ["latest", "checkpoint-4"])
+def test_a_checkpoint_without_its_trainer_state_is_refused_not_passed_over(tmp_path, resume):
+    """A checkpoint-N folder holding a manifest was completed by a save: without trainer_state.json it is
+    damaged, and --resume stops in one line instead of silently resuming from the checkpoint before it."""
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / MANIFEST).write_text('{"files": {}}')
+        (tmp_path / f"checkpoint-{step}" / TRAINER_STATE).write_text("{}")
+    (tmp_path / "checkpoint-4" / TRAINER_STATE).unlink()
+    path = resume if resume == "latest" else str(tmp_path / resume)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path / 'checkpoint-4'} is damaged: it has a "
+                                              rf"{MANIFEST} but no {TRAINER_STATE}"):
+        resolve_resume(path, str(tmp_path))
 
 
 class _FakeEngine:
