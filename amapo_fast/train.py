@@ -32,7 +32,13 @@ from transformers import set_seed  # noqa: E402
 
 from amapo_fast import prefix  # noqa: E402
 from amapo_fast.batches import MicroBatches  # noqa: E402
-from amapo_fast.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_pretrained  # noqa: E402
+from amapo_fast.checkpoint import (  # noqa: E402
+    TEMPORARY_SUFFIX,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_pretrained,
+)
 from amapo_fast.cli import (  # noqa: E402
     UserError,
     check_output_dir,
@@ -64,7 +70,7 @@ from amapo_fast.objective import preference_objective  # noqa: E402
 
 LOG_FILE = "log.jsonl"
 # What an earlier run leaves in output_dir; --overwrite_output_dir removes exactly these.
-RUN_OUTPUTS = (LOG_FILE, "checkpoint-*", "final", "final.partial", "tensorboard")
+RUN_OUTPUTS = (LOG_FILE, LOG_FILE + TEMPORARY_SUFFIX, "checkpoint-*", "final", "final.partial", "tensorboard")
 # A run of fewer optimizer steps than this gets a warning: it can hardly learn anything.
 FEW_STEPS = 10
 
@@ -230,10 +236,9 @@ class Loggers:
             return
         os.makedirs(config.output_dir, exist_ok=True)
         path = os.path.join(config.output_dir, LOG_FILE)
-        kept = _records_up_to(path, start_step) if start_step > 0 else []
-        self.jsonl = open(path, "w", encoding="utf-8")
-        self.jsonl.writelines(kept)
-        self.jsonl.flush()
+        if start_step > 0:
+            _replace_lines(path, _records_up_to(path, start_step))
+        self.jsonl = open(path, "a" if start_step > 0 else "w", encoding="utf-8")
         if config.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
@@ -264,6 +269,21 @@ class Loggers:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _replace_lines(path: str, lines: list[str]):
+    """Replace a file's lines atomically: written to a temporary file beside it, then renamed over it, so that a
+    kill or a full disk midway leaves the old file whole."""
+    temporary = path + TEMPORARY_SUFFIX
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        os.remove(temporary)
+        raise
+    os.replace(temporary, path)
 
 
 def _records_up_to(path: str, step: int) -> list[str]:

@@ -304,6 +304,57 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_dead_holder_is_taken_o
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+class _KilledWhileWriting:
+    """A file whose writes never happen: stands for a kill (or a full disk) right after it was opened."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.close()
+
+    def write(self, text):
+        raise KeyboardInterrupt
+
+    writelines = write
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def test_resuming_rewrites_the_log_atomically(tmp_path, monkeypatch):
+    """A resumed run drops the log records after its checkpoint; killed while doing so, the log stays whole."""
+    import builtins
+    from types import SimpleNamespace
+
+    from amapo_fast import train
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in range(1, 7)))
+    before = log.read_text()
+    config = SimpleNamespace(output_dir=str(tmp_path), report_to="none", run_name=None)
+    env = SimpleNamespace(is_main=True)
+
+    def open_killed_while_writing(file, mode="r", *args, **kwargs):
+        handle = builtins.open(file, mode, *args, **kwargs)
+        return _KilledWhileWriting(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(train, "open", open_killed_while_writing, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        train.Loggers(config, env, total_steps=8, start_step=4)
+    assert log.read_text() == before
+    monkeypatch.undo()
+
+    loggers = train.Loggers(config, env, total_steps=8, start_step=4)
+    loggers.log(5, {"loss": 0.5})
+    loggers.close()
+    assert [record["step"] for record in _strict_records(tmp_path)] == [1, 2, 3, 4, 5]
+    assert not (tmp_path / "log.jsonl.tmp").exists()
+
+
 # --- a different number of processes --------------------------------------------------------------------
 
 
