@@ -33,6 +33,7 @@ NOT_ASSISTANT = "last message is not the assistant's"
 EMPTY_RESPONSE = "empty response"
 TEMPLATE_NOT_PREFIX = "chat template does not render the prompt as a prefix of the conversation"
 PROMPT_TOO_LONG = "prompt longer than max_length"
+IDENTICAL_RESPONSES = "chosen and rejected are the same tokens"
 
 
 def load_preference_dataset(name_or_path: str, split: str, config_name: str | None = None):
@@ -265,6 +266,8 @@ class _RowEncoder:
             return _dropped(MISSING_PROMPT)
         if not chosen_ids or not rejected_ids:
             return _dropped(EMPTY_RESPONSE)
+        if chosen_ids == rejected_ids:  # equal texts, or cut (or mapped to <unk>) to the same tokens: no preference
+            return _dropped(IDENTICAL_RESPONSES)
         return {
             "drop_reason": "",
             "prompt_input_ids": prompt_ids,

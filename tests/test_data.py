@@ -192,3 +192,23 @@ def test_packed_batches_give_the_padded_log_probs(tokenizer):
     loss_padded, _ = policy(padded)
     loss_packed, _ = policy(packed)
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
+
+
+def test_pairs_identical_after_tokenization_are_dropped(tokenizer, caplog):
+    """Equal texts, responses cut to the same tokens, responses that map to the same unknown tokens: no preference."""
+    prefix_word = "".join(random.choices("abcdefghij", k=30))
+    rows = [
+        _conversation("Copy: ab", "ab", "ab"),  # the same string
+        _conversation("Copy: cd", prefix_word + "x", prefix_word + "y"),  # differ only past the cut
+        _conversation("Copy: ef", "é", "漢"),  # both <unk>
+        _conversation("Copy: gh", "gh", "hg"),  # kept
+        {"prompt": "2+2=", "chosen": "4", "rejected": "4"},  # plain text
+    ]
+    plain = rows.pop()
+    with caplog.at_level(logging.WARNING, logger="amapo_fast.data"):
+        encoded = tokenize_preference_dataset(Dataset.from_list(rows), tokenizer, 40, 16)
+    assert len(encoded) == 1 and encoded[0]["chosen_input_ids"] != encoded[0]["rejected_input_ids"]
+    (message,) = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert "dropped 3 of 4 rows (chosen and rejected are the same tokens: 3)" in message
+    with pytest.raises(ValueError, match="every one of the 2 rows was dropped"):
+        tokenize_preference_dataset(Dataset.from_list([plain, plain]), tokenizer, 40, 16)
