@@ -43,6 +43,7 @@ from amapo_fast.cli import (  # noqa: E402
 from amapo_fast.config import TrainConfig, parse_config  # noqa: E402
 from amapo_fast.data import (  # noqa: E402
     REF_COLUMNS,
+    SOURCE_ROW,
     PreferenceCollator,
     load_preference_dataset,
     tokenize_preference_dataset,
@@ -89,7 +90,9 @@ def _raw_splits(config: TrainConfig):
         if not config.eval_split:
             return train, None, "none (--eval_split none)"
         return train, make_toy_preference_dataset(config.toy_num_eval, seed=config.seed + 1), "generated"
-    train = load_preference_dataset(config.dataset_name, config.train_split, config.dataset_config_name)
+    train = load_preference_dataset(
+        config.dataset_name, config.train_split, config.dataset_config_name, split_flag="--train_split"
+    )
     if not config.eval_split:
         return train, None, "none (--eval_split none)"
     if os.path.isfile(config.dataset_name):
@@ -101,13 +104,17 @@ def _raw_splits(config: TrainConfig):
                 f"dataset {config.dataset_name}: {len(train)} row(s) are too few to hold a fraction out; add rows, "
                 "or pass --eval_fraction 0 to train on them without evaluation"
             )
+        # Each row keeps its index in the file, so that a message about a row names the row a user can find.
+        train = train.add_column(SOURCE_ROW, list(range(len(train))))
         parts = train.train_test_split(test_size=config.eval_fraction, seed=config.seed)
         source = (
             f"a seeded {config.eval_fraction:.0%} of the file's {len(train)} rows: --eval_fraction "
             f"{config.eval_fraction:g}; 0 trains on every row without evaluation"
         )
         return parts["train"], parts["test"], source
-    held_out = load_preference_dataset(config.dataset_name, config.eval_split, config.dataset_config_name)
+    held_out = load_preference_dataset(
+        config.dataset_name, config.eval_split, config.dataset_config_name, split_flag="--eval_split"
+    )
     return train, held_out, f"split {config.eval_split!r}"
 
 
@@ -297,7 +304,8 @@ def evaluate_held_out(model, ref_model, dataset, collator, config: TrainConfig) 
         reference = score_pairs(ref_model, loader, desc="evaluating the reference")
         ref_logps = torch.cat([reference.chosen_logps, reference.rejected_logps])
     elif REF_COLUMNS[0] in dataset.column_names:
-        ref_logps = torch.tensor(dataset[REF_COLUMNS[0]] + dataset[REF_COLUMNS[1]], dtype=torch.float64)
+        # list(): datasets 4+ returns a column as a lazy Column, which does not concatenate with +.
+        ref_logps = torch.tensor(list(dataset[REF_COLUMNS[0]]) + list(dataset[REF_COLUMNS[1]]), dtype=torch.float64)
     loss, metrics = preference_objective(
         sums, lengths, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
         gamma_beta_ratio=config.gamma_beta_ratio, ref_logps=ref_logps, stats_scope="local",
