@@ -39,6 +39,7 @@ from .cli import (
     HelpFormatter,
     UserError,
     add_debug_flag,
+    check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
     require_existing_if_local,
@@ -506,9 +507,13 @@ def main(argv=None) -> dict:
         raise UserError(f"--compare names a model twice: {labels}")
     # Paths are checked before any model loads, not after the evaluation ran.
     check_output_dir(args.output_dir, "--output-dir")
-    for name in names + [args.tokenizer] * bool(args.tokenizer):
+    flag = "--compare" if args.compare else "--model"
+    for name in names:
         if name != "toy":
-            require_existing_if_local(name, "--compare" if args.compare else "--model")
+            require_existing_if_local(name, flag)
+            check_model_folder(name, flag)
+    if args.tokenizer not in (None, "toy"):
+        require_existing_if_local(args.tokenizer, "--tokenizer")
     if args.dataset != "toy":
         require_existing_if_local(args.dataset, "--dataset")
     settings = EvalSettings(

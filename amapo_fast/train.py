@@ -35,6 +35,7 @@ from amapo_fast.batches import MicroBatches  # noqa: E402
 from amapo_fast.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_pretrained  # noqa: E402
 from amapo_fast.cli import (  # noqa: E402
     UserError,
+    check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
     require_existing_if_local,
@@ -339,6 +340,8 @@ class Trainer:
         for flag in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             if getattr(config, flag) not in (None, TOY):
                 require_existing_if_local(getattr(config, flag), f"--{flag}")
+                if flag != "tokenizer_name_or_path":
+                    check_model_folder(getattr(config, flag), f"--{flag}")
         with user_errors(OSError, ValueError, prefix=f"tokenizer {tokenizer_name}: "):
             self.tokenizer = load_tokenizer(tokenizer_name)
         self.splits = load_splits(config, self.tokenizer)

@@ -287,3 +287,43 @@ def test_dropped_rows_are_named_by_their_index_in_the_file(tmp_path, process_gro
         train.load_splits(parse_config(["--dataset_name", str(data)]), build_toy_tokenizer())
     (message,) = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
     assert "first dropped row (index 13, empty response)" in message and "source_row" not in message
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A trainer's output folder: log.jsonl, checkpoint-2 and final/."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    train.main(["--toy_num_train", "32", "--per_device_train_batch_size", "8", "--max_steps", "2", "--save_steps", "2",
+                "--eval_split", "none", "--output_dir", str(output_dir)])
+    return output_dir
+
+
+def test_evaluate_says_what_a_wrong_model_folder_is_and_what_to_pass(finished_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr("amapo_fast.model.load_policy", None)  # reached only if a check came too late
+    broken = tmp_path / "broken"
+    shutil.copytree(finished_run / "final", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    no_config = tmp_path / "no_config"
+    shutil.copytree(finished_run / "final", no_config)
+    (no_config / "config.json").unlink()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished_run, unfinished, ignore=shutil.ignore_patterns("final"))
+    cases = [
+        (finished_run, f"a training run's output folder; its trained model is {finished_run / 'final'}"),
+        (finished_run / "checkpoint-2", "a training checkpoint (sharded training state), not a model folder: pass "
+                                        "the run's final/ folder, or export this checkpoint to a model folder with "
+                                        "python -m amapo_fast.export"),
+        (unfinished, "without a final/ model"),
+        (broken, "model.safetensors is cut short"),
+        (no_config, "no config.json, so not a model folder"),
+        (finished_run / "missing" / "final", "no such file or folder"),
+    ]
+    for model, expected in cases:
+        line = _user_error(capsys, evaluate.main, ["--model", str(model), "--dataset", "toy", "--output-dir",
+                                                  str(tmp_path / "eval")])
+        assert f"--model {model}: " in line and expected in line, line
+    relative = os.path.relpath(finished_run / "nothere" / "final")
+    assert "no such file or folder" in _user_error(capsys, evaluate.main, ["--model", relative, "--dataset", "toy"])
