@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import sys
+import tempfile
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "AMAPO_DEBUG"
@@ -194,5 +195,9 @@ def check_output_dir(path: str, flag: str, *, must_be_empty: bool = False, empty
         raise UserError(f"{flag} {path}: cannot create it, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: {existing} is not writable")
+    try:  # access() says yes to root everywhere, and to kernel file systems (/proc, /sys) that refuse folders
+        os.rmdir(tempfile.mkdtemp(prefix=".amapo-probe-", dir=existing))
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot create a folder in {existing} ({error.strerror or error})") from error
     if must_be_empty and existing == path and set(os.listdir(path)) - set(ignore):
         raise UserError(f"{flag} {path}: holds files of an earlier run{empty_hint}")

@@ -4,6 +4,7 @@
 """
 import argparse
 import dataclasses
+import importlib.util
 import math
 import sys
 import types
@@ -19,6 +20,13 @@ PRECISIONS = ("auto", "bf16", "fp32")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager", "flex_attention")
 REPORT_TO = ("none", "tensorboard", "wandb")
 NONFINITE_POLICIES = ("stop", "skip")
+# Settings that need an optional package: (field, value) -> (module to import, setup.py extra that installs it).
+OPTIONAL_PACKAGES = {
+    ("report_to", "tensorboard"): ("tensorboard", "tensorboard"),
+    ("report_to", "wandb"): ("wandb", "wandb"),
+    ("backend", "deepspeed"): ("deepspeed", "deepspeed"),
+    ("attn_implementation", "flash_attention_2"): ("flash_attn", "flash-attn"),
+}
 
 
 def _field(default, help_text, choices=None):
@@ -110,6 +118,9 @@ class TrainConfig:
     run_name: str | None = _field(None, "run name for TensorBoard / W&B")
 
 
+FIELDS = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
+
+
 def _parse_bool(text: str) -> bool:
     lowered = str(text).lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -155,6 +166,10 @@ def load_yaml(path: str) -> dict:
         if not _fits(value, *_base_type(hints[name])):
             expected = _base_type(hints[name])[0].__name__
             raise UserError(f"--config {path}: {name}: expected type {expected}, got {value!r}")
+        # argparse checks the choices of command-line values only; the file's values arrive as defaults.
+        choices = FIELDS[name].metadata["choices"]
+        if choices and value not in choices:
+            raise UserError(f"--config {path}: {name}: invalid choice {value!r} (choose from {', '.join(choices)})")
     return values
 
 
@@ -213,6 +228,10 @@ def _refuse_unless(ok: bool, name: str, value, requirement: str):
 def validate(config: TrainConfig) -> TrainConfig:
     """Refuse settings that cannot work, before any model or data is loaded (comparisons are written so that
     NaN fails them)."""
+    for name, spec in FIELDS.items():  # a config built in code, or from a file, meets the flags' choices too
+        choices = spec.metadata["choices"]
+        _refuse_unless(not choices or getattr(config, name) in choices, name, getattr(config, name),
+                       f"invalid choice (choose from {', '.join(map(str, choices or ()))})")
     positive = ("max_length", "max_prompt_length", "per_device_train_batch_size", "per_device_eval_batch_size",
                 "gradient_accumulation_steps", "logging_steps", "toy_num_train", "toy_num_eval", "learning_rate",
                 "beta", "adam_epsilon")
@@ -249,6 +268,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         )
     if config.resume and config.overwrite_output_dir:
         raise UserError("--resume continues the run in output_dir, --overwrite_output_dir deletes it: choose one")
+    for (name, value), (module, extra) in OPTIONAL_PACKAGES.items():
+        if getattr(config, name) == value and importlib.util.find_spec(module) is None:
+            raise UserError(f"--{name} {value} needs the {module} package: pip install -e \".[{extra}]\" (or pip install {extra})")
     if config.eval_split in ("", "none"):
         config.eval_split = None
     return config

@@ -327,3 +327,47 @@ def test_evaluate_says_what_a_wrong_model_folder_is_and_what_to_pass(finished_ru
         assert f"--model {model}: " in line and expected in line, line
     relative = os.path.relpath(finished_run / "nothere" / "final")
     assert "no such file or folder" in _user_error(capsys, evaluate.main, ["--model", relative, "--dataset", "toy"])
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [("loss_type: ampo\n", "loss_type: invalid choice 'ampo' (choose from amapo,"),
+     ("backend: fsdp\n", "backend: invalid choice 'fsdp'"), ("stats_scope: globl\n", "stats_scope: invalid choice"),
+     ("attn_implementation: flash\n", "attn_implementation: invalid choice"),
+     ("precision: fp16\n", "precision: invalid choice 'fp16' (choose from auto, bf16, fp32)"),
+     ("on_nonfinite: skipp\n", "on_nonfinite: invalid choice"), ("report_to: tensorboar\n", "report_to: invalid choice")],
+)
+def test_config_file_values_meet_the_flags_choices_before_anything_loads(tmp_path, capsys, monkeypatch, yaml_text, expected):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml_text)
+    monkeypatch.setattr(train, "Trainer", None)  # reaching the Trainer would be a TypeError, not a user error
+    line = _user_error(capsys, train.main, ["--config", str(config_file), "--output_dir", str(tmp_path / "out")])
+    assert f"--config {config_file}: {expected}" in line, line
+    with pytest.raises(UserError, match="invalid choice"):  # a config built in code is held to them too
+        from amapo_fast.config import TrainConfig, validate
+
+        name, value = yaml_text.strip().split(": ")
+        validate(TrainConfig(**{name: value}))
+
+
+@pytest.mark.parametrize("flag, value, extra", [("--report_to", "tensorboard", "tensorboard"), ("--report_to", "wandb", "wandb"),
+                                                ("--backend", "deepspeed", "deepspeed")])
+def test_a_missing_optional_package_is_named_with_its_extra_at_start_up(tmp_path, capsys, monkeypatch, flag, value, extra):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "deepspeed": "deepspeed"}[extra]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    monkeypatch.setattr(train, "Trainer", None)
+    line = _user_error(capsys, train.main, [flag, value, "--output_dir", str(tmp_path / "out")])
+    assert f"{flag} {value} needs the {module} package: pip install -e \".[{extra}]\"" in line
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc and /sys")
+@pytest.mark.parametrize("output_dir", ["/proc/amapo-out", "/sys/amapo-out"])
+def test_output_dir_on_a_kernel_file_system_is_one_line_before_anything_loads(capsys, monkeypatch, output_dir):
+    monkeypatch.setattr(train, "Trainer", None)
+    line = _user_error(capsys, train.main, ["--output_dir", output_dir])
+    assert f"--output_dir {output_dir}: " in line
+    monkeypatch.setattr("amapo_fast.model.load_policy", None)
+    assert "--output-dir" in _user_error(capsys, evaluate.main, ["--model", "toy", "--dataset", "toy", "--output-dir", output_dir])
