@@ -24,10 +24,28 @@ class UserError(ValueError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes (unknown flag, bad value) are `UserError`s: one line, printed by rank 0 only."""
+    """argparse whose mistakes (unknown flag, bad value) are `UserError`s: one line, printed by rank 0 only.
+
+    Abbreviated flags are refused (`--learning_rat` is a mistake, not `--learning_rate`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def both_spellings(*flags: str) -> list[str]:
+    """Each flag as written and with '_' and '-' swapped (`--max_length`, `--max-length`), so that both command
+    lines take either spelling; the first flag names the value."""
+    spelled = []
+    for flag in flags:
+        body = flag[2:]
+        for variant in (body, body.replace("-", "_"), body.replace("_", "-")):
+            if f"--{variant}" not in spelled:
+                spelled.append(f"--{variant}")
+    return spelled
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

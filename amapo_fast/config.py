@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
-from .cli import ArgumentParser, HelpFormatter, UserError, add_debug_flag
+from .cli import ArgumentParser, HelpFormatter, UserError, add_debug_flag, both_spellings
 from .loss import IMPLS
 from .objective import LOSS_TYPES, MAX_BETA, STATS_SCOPES
 
@@ -119,6 +119,9 @@ class TrainConfig:
 
 
 FIELDS = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
+# The evaluation command's names of the same settings, accepted here too.
+ALIASES = {"model_name_or_path": ("--model",), "dataset_name": ("--dataset",), "dataset_config_name": ("--dataset-config",),
+           "tokenizer_name_or_path": ("--tokenizer",)}
 
 
 def _parse_bool(text: str) -> bool:
@@ -204,7 +207,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
             kwargs.update(nargs="?", const=True)  # a bare --flag means true
         if spec.name == "resume":
             kwargs.update(nargs="?", const="latest")
-        parser.add_argument(f"--{spec.name}", **kwargs)
+        parser.add_argument(*both_spellings(f"--{spec.name}", *ALIASES.get(spec.name, ())), **kwargs)
     return parser
 
 

@@ -39,6 +39,7 @@ from .cli import (
     HelpFormatter,
     UserError,
     add_debug_flag,
+    both_spellings,
     check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
@@ -437,36 +438,36 @@ def parse_args(argv=None):
     )
     positive_int, positive_float = _positive(int), _positive(float)
     models = parser.add_mutually_exclusive_group(required=True)
-    models.add_argument("--model", help="hub name or local folder of a causal LM; 'toy': the trainer's initial model")
-    models.add_argument("--compare", nargs="+", metavar="MODEL", help="several models, side by side in one table")
+    models.add_argument(*both_spellings("--model", "--model_name_or_path"), help="hub name or local folder of a causal LM; 'toy': the trainer's initial model")
+    models.add_argument(*both_spellings("--compare"), nargs="+", metavar="MODEL", help="several models, side by side in one table")
     parser.add_argument(
-        "--dataset", required=True,
+        *both_spellings("--dataset", "--dataset_name"), required=True,
         help="hub name, local json/jsonl/parquet file or save_to_disk folder; 'toy': the trainer's held-out toy pairs",
     )
-    parser.add_argument("--split", default="test_prefs", help="split (slicing works: 'test_prefs[:200]'); a local file is read as this split")
-    parser.add_argument("--dataset-config", default=None, help="hub dataset config name")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer to use for every model; default: each model's own")
-    parser.add_argument("--max-length", type=positive_int, default=EvalSettings.max_length, help="prompt + response tokens")
+    parser.add_argument(*both_spellings("--split"), default="test_prefs", help="split (slicing works: 'test_prefs[:200]'); a local file is read as this split")
+    parser.add_argument(*both_spellings("--dataset-config", "--dataset_config_name"), default=None, help="hub dataset config name")
+    parser.add_argument(*both_spellings("--tokenizer", "--tokenizer_name_or_path"), default=None, help="tokenizer to use for every model; default: each model's own")
+    parser.add_argument(*both_spellings("--max-length"), type=positive_int, default=EvalSettings.max_length, help="prompt + response tokens")
     parser.add_argument(
-        "--max-prompt-length", type=positive_int, default=EvalSettings.max_prompt_length,
+        *both_spellings("--max-prompt-length"), type=positive_int, default=EvalSettings.max_prompt_length,
         help="prompts are cut from the left to this many tokens",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=EvalSettings.batch_size, help="pairs per forward, per device")
-    parser.add_argument("--beta", type=positive_float, default=EvalSettings.beta, help="reward scale of the reported margin (1: nats per token)")
-    parser.add_argument("--subset-column", default=None, help=f"per-subset figures; default: the first of {SUBSET_COLUMNS} present")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--impl", choices=IMPLS, default="auto", help="log-prob implementation (auto: triton on GPU, chunked on CPU)")
+    parser.add_argument(*both_spellings("--batch-size"), type=positive_int, default=EvalSettings.batch_size, help="pairs per forward, per device")
+    parser.add_argument(*both_spellings("--beta"), type=positive_float, default=EvalSettings.beta, help="reward scale of the reported margin (1: nats per token)")
+    parser.add_argument(*both_spellings("--subset-column"), default=None, help=f"per-subset figures; default: the first of {SUBSET_COLUMNS} present")
+    parser.add_argument(*both_spellings("--precision"), choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument(*both_spellings("--impl"), choices=IMPLS, default="auto", help="log-prob implementation (auto: triton on GPU, chunked on CPU)")
     parser.add_argument(
-        "--attn-implementation", choices=("auto", "flash_attention_2", "sdpa", "eager", "flex_attention"), default="auto",
+        *both_spellings("--attn-implementation"), choices=("auto", "flash_attention_2", "sdpa", "eager", "flex_attention"), default="auto",
         help="auto: flash_attention_2 if installed, else sdpa; with prefix sharing flex_attention on GPU, sdpa elsewhere",
     )
-    parser.add_argument("--num-proc", type=positive_int, default=None, help="processes for tokenization")
+    parser.add_argument(*both_spellings("--num-proc"), type=positive_int, default=None, help="processes for tokenization")
     parser.add_argument(
-        "--prefix-sharing", action=argparse.BooleanOptionalAction, default=EvalSettings.prefix_sharing,
+        *both_spellings("--prefix-sharing"), action=argparse.BooleanOptionalAction, default=EvalSettings.prefix_sharing,
         help="score each pair as one sequence [prompt | chosen | rejected], its prompt computed once",
     )
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the toy model's init (the trainer's)")
-    parser.add_argument("--output-dir", default="outputs/eval", help=f"where {' and '.join(RESULT_FILES)} go")
+    parser.add_argument(*both_spellings("--seed"), type=int, default=TrainConfig.seed, help="seed of the toy model's init (the trainer's)")
+    parser.add_argument(*both_spellings("--output-dir"), default="outputs/eval", help=f"where {' and '.join(RESULT_FILES)} go")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.max_prompt_length >= args.max_length:

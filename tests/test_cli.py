@@ -371,3 +371,16 @@ def test_output_dir_on_a_kernel_file_system_is_one_line_before_anything_loads(ca
     assert f"--output_dir {output_dir}: " in line
     monkeypatch.setattr("amapo_fast.model.load_policy", None)
     assert "--output-dir" in _user_error(capsys, evaluate.main, ["--model", "toy", "--dataset", "toy", "--output-dir", output_dir])
+
+
+def test_both_command_lines_take_both_spellings_and_refuse_abbreviations(tmp_path, capsys):
+    config = parse_config(["--dataset-name", "toy", "--output-dir", "x", "--max-length", "96", "--dataset", "toy",
+                           "--model", "toy", "--max_prompt_length", "40"])
+    assert (config.output_dir, config.max_length, config.max_prompt_length) == ("x", 96, 40)
+    args = evaluate.parse_args(["--model_name_or_path", "toy", "--dataset_name", "toy", "--max_length", "96",
+                                "--max-prompt-length", "40", "--output_dir", "y", "--batch_size", "4"])
+    assert (args.model, args.dataset, args.max_length, args.output_dir, args.batch_size) == ("toy", "toy", 96, "y", 4)
+    line = _user_error(capsys, train.main, ["--learning_rat", "1e-3", "--output_dir", str(tmp_path / "out")])
+    assert "unrecognized arguments: --learning_rat" in line
+    line = _user_error(capsys, evaluate.main, ["--model", "toy", "--data", "toy"])
+    assert "--data" in line and "required: --dataset" in line
