@@ -33,6 +33,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
+        # argparse names a flag by all its spellings ("--max-length/--max_length"): the first one is enough.
+        message = re.sub(r"(--[\w-]+)(?:/--[\w-]+)+", r"\1", message)
         raise UserError(f"{message} (see {self.prog} --help)")
 
 

@@ -277,3 +277,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.eval_split in ("", "none"):
         config.eval_split = None
     return config
+
+
+# What a trained model's config.json records of its training (key TRAINING_RECORD), for evaluation's defaults.
+TRAINING_RECORD = "amapo_fast_training"
+RECORDED_FIELDS = ("max_length", "max_prompt_length", "loss_type", "beta", "dataset_name")
+
+
+def training_record(config: TrainConfig) -> dict:
+    return {name: getattr(config, name) for name in RECORDED_FIELDS}

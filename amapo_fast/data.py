@@ -284,7 +284,7 @@ def _split_conversation(row, has_prompt_column):
 
 
 def _dropped(reason: str) -> dict:
-    return {"drop_reason": reason, **{column: [] for column in TOKENIZED_COLUMNS}}
+    return {"drop_reason": reason, "truncated": [False] * 3, **{column: [] for column in TOKENIZED_COLUMNS}}
 
 
 class _RowEncoder:
@@ -344,12 +344,15 @@ class _RowEncoder:
         bos = tokenizer.bos_token_id
         if self.adds_bos and (not prompt_ids or prompt_ids[0] != bos):
             prompt_ids = [bos] + prompt_ids
+        full_prompt_length = len(prompt_ids)
         prompt_ids = self._truncate_prompt(prompt_ids)
         if len(prompt_ids) >= self.max_length:
             return _dropped(PROMPT_TOO_LONG)
         room = self.max_length - len(prompt_ids)
-        chosen_ids = tokenizer(chosen_text, add_special_tokens=False).input_ids[:room]
-        rejected_ids = tokenizer(rejected_text, add_special_tokens=False).input_ids[:room]
+        chosen_ids = tokenizer(chosen_text, add_special_tokens=False).input_ids
+        rejected_ids = tokenizer(rejected_text, add_special_tokens=False).input_ids
+        cut = [len(prompt_ids) < full_prompt_length, len(chosen_ids) > room, len(rejected_ids) > room]
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
         if not prompt_ids:
             return _dropped(MISSING_PROMPT)
         if not chosen_ids or not rejected_ids:
@@ -358,6 +361,7 @@ class _RowEncoder:
             return _dropped(IDENTICAL_RESPONSES)
         return {
             "drop_reason": "",
+            "truncated": cut,
             "prompt_input_ids": prompt_ids,
             "chosen_input_ids": chosen_ids,
             "rejected_input_ids": rejected_ids,
@@ -420,7 +424,8 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length: int, max_prompt_
     keep = [column for column in REF_COLUMNS if column in dataset.column_names]
     # Explicit features: a first writer batch made only of dropped rows must not fix the id columns' type.
     features = Features(
-        {"drop_reason": Value("string"), **{column: Sequence(Value("int32")) for column in TOKENIZED_COLUMNS}}
+        {"drop_reason": Value("string"), "truncated": Sequence(Value("bool"), length=3)}
+        | {column: Sequence(Value("int32")) for column in TOKENIZED_COLUMNS}
         | {column: dataset.features[column] for column in keep}
     )
     encoded = dataset.map(
@@ -435,9 +440,22 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length: int, max_prompt_
     _report_dropped(dataset, reasons)
     if all(reasons):
         raise ValueError(f"every one of the {len(reasons)} rows was dropped (see the warning above for why)")
+    _report_truncated(encoded["truncated"], reasons, max_length, max_prompt_length)
     if any(reasons):
         encoded = encoded.filter(lambda reason: not reason, input_columns="drop_reason", num_proc=num_proc)
-    return encoded.remove_columns("drop_reason")
+    return encoded.remove_columns(["drop_reason", "truncated"])
+
+
+def _report_truncated(flags, reasons, max_length: int, max_prompt_length: int):
+    """One warning with how many prompts and responses the truncation cut (of the rows kept)."""
+    flags = [list(row) for row, reason in zip(flags, reasons) if not reason]
+    prompts = sum(row[0] for row in flags)
+    responses = sum(row[1] + row[2] for row in flags)
+    if prompts or responses:
+        logger.warning(
+            "truncated %d of %d prompts (from the left, to --max_prompt_length %d) and %d of %d responses (to fit "
+            "--max_length %d)", prompts, len(flags), max_prompt_length, responses, 2 * len(flags), max_length,
+        )
 
 
 class PreferenceCollator:

@@ -41,7 +41,7 @@ from amapo_fast.cli import (  # noqa: E402
     require_existing_if_local,
     user_errors,
 )
-from amapo_fast.config import TrainConfig, parse_config  # noqa: E402
+from amapo_fast.config import TrainConfig, parse_config, training_record  # noqa: E402
 from amapo_fast.data import (  # noqa: E402
     REF_COLUMNS,
     SOURCE_ROW,
@@ -565,6 +565,8 @@ class Trainer:
     def save_final(self):
         final_dir = os.path.join(self.config.output_dir, "final")
         dtype = torch.bfloat16 if self.bf16 else torch.float32
+        # In config.json, so that evaluation scores the model with the truncation it was trained with.
+        self.policy.causal_lm.config.amapo_fast_training = training_record(self.config)
         save_pretrained(self.engine, self.policy, self.tokenizer, final_dir, dtype, self.env.rank)
         if self.env.is_main:
             print(f"saved the trained model to {final_dir} (AutoModelForCausalLM.from_pretrained loads it)")

@@ -384,3 +384,14 @@ def test_both_command_lines_take_both_spellings_and_refuse_abbreviations(tmp_pat
     assert "unrecognized arguments: --learning_rat" in line
     line = _user_error(capsys, evaluate.main, ["--model", "toy", "--data", "toy"])
     assert "--data" in line and "required: --dataset" in line
+
+
+def test_evaluate_takes_the_training_truncation_from_a_trained_model_and_says_so(finished_run, tmp_path, capsys):
+    final = finished_run / "final"
+    common = ["--dataset", "toy", "--output-dir", str(tmp_path / "eval"), "--batch-size", "64"]
+    report = evaluate.main(["--model", str(final), *common])
+    assert (report["settings"]["max_length"], report["settings"]["max_prompt_length"]) == (128, 64)  # the trainer's
+    assert f"truncation: --max-length 128, --max-prompt-length 64 (from the training settings in {final})" in capsys.readouterr().out
+    report = evaluate.main(["--model", str(final), "--max-length", "100", *common])
+    assert (report["settings"]["max_length"], report["settings"]["max_prompt_length"]) == (100, 64)
+    assert "(from the training settings in" in capsys.readouterr().out

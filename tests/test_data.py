@@ -265,3 +265,21 @@ def test_a_misspelled_split_of_a_local_file_is_refused(tmp_path):
         load_preference_dataset(path, "trian[:20]", split_flag="--train_split")
     for split in ("train[:2]", "test_prefs", "validation", "heldout"):
         assert len(load_preference_dataset(path, split)) in (2, 3)
+
+
+def test_truncated_prompts_and_responses_are_counted(tokenizer, caplog):
+    long_word = "".join(random.choices("abcdefghij", k=40))
+    rows = [
+        _conversation(f"Copy: {long_word}", "ab", "ba"),  # prompt cut
+        _conversation("Copy: ab", long_word, "ab"),  # one response cut
+        _conversation("Copy: cd", "cd", "dc"),  # nothing cut
+    ]
+    with caplog.at_level(logging.WARNING, logger="amapo_fast.data"):
+        tokenize_preference_dataset(Dataset.from_list(rows), tokenizer, 30, 16)
+    (message,) = [record.getMessage() for record in caplog.records if "truncated" in record.getMessage()]
+    assert message == ("truncated 1 of 3 prompts (from the left, to --max_prompt_length 16) and 1 of 6 responses (to "
+                       "fit --max_length 30)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="amapo_fast.data"):
+        tokenize_preference_dataset(Dataset.from_list(rows[2:]), tokenizer, 30, 16)
+    assert not [record for record in caplog.records if "truncated" in record.getMessage()]
