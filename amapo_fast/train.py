@@ -22,6 +22,7 @@ import glob  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -32,7 +33,13 @@ from transformers import set_seed  # noqa: E402
 
 from amapo_fast import prefix  # noqa: E402
 from amapo_fast.batches import MicroBatches  # noqa: E402
-from amapo_fast.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_pretrained  # noqa: E402
+from amapo_fast.checkpoint import (  # noqa: E402
+    TEMPORARY_SUFFIX,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_pretrained,
+)
 from amapo_fast.cli import (  # noqa: E402
     UserError,
     check_model_folder,
@@ -60,13 +67,13 @@ from amapo_fast.distributed import (  # noqa: E402
 )
 from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  # noqa: E402
 from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
-from amapo_fast.guard import LOCK_FILE, NonFiniteSteps, OutputDirLock, strict_json  # noqa: E402
+from amapo_fast.guard import LOCK_FILE, NonFiniteSteps, OutputDirLock, StopSignals, strict_json  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
 
 LOG_FILE = "log.jsonl"
 # What an earlier run leaves in output_dir; --overwrite_output_dir removes exactly these.
-RUN_OUTPUTS = (LOG_FILE, "checkpoint-*", "final", "final.partial", "tensorboard")
+RUN_OUTPUTS = (LOG_FILE, LOG_FILE + TEMPORARY_SUFFIX, "checkpoint-*", "final", "final.partial", "tensorboard")
 # A run of fewer optimizer steps than this gets a warning: it can hardly learn anything.
 FEW_STEPS = 10
 
@@ -238,10 +245,9 @@ class Loggers:
             return
         os.makedirs(config.output_dir, exist_ok=True)
         path = os.path.join(config.output_dir, LOG_FILE)
-        kept = _records_up_to(path, start_step) if start_step > 0 else []
-        self.jsonl = open(path, "w", encoding="utf-8")
-        self.jsonl.writelines(kept)
-        self.jsonl.flush()
+        if start_step > 0:
+            _replace_lines(path, _records_up_to(path, start_step))
+        self.jsonl = open(path, "a" if start_step > 0 else "w", encoding="utf-8")
         if config.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
@@ -272,6 +278,21 @@ class Loggers:
             self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _replace_lines(path: str, lines: list[str]):
+    """Replace a file's lines atomically: written to a temporary file beside it, then renamed over it, so that a
+    kill or a full disk midway leaves the old file whole."""
+    temporary = path + TEMPORARY_SUFFIX
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        os.remove(temporary)
+        raise
+    os.replace(temporary, path)
 
 
 def _records_up_to(path: str, step: int) -> list[str]:
@@ -498,7 +519,9 @@ class Trainer:
         window.add_time(time.perf_counter() - started)
         return grad_norm, lr
 
-    def fit(self) -> dict:
+    def fit(self, stop: StopSignals | None = None) -> dict:
+        """Train to the last step; with `stop`, a stop signal ends the run after the step in progress, with a
+        checkpoint of it."""
         config = self.config
         state = self.resume() if self.resume_path else {"global_step": 0, "data_position": (0, 0)}
         start_step, start_position = state["global_step"], tuple(state["data_position"])
@@ -516,6 +539,10 @@ class Trainer:
             config.seed, self.micro_per_epoch,
         )
         stream = batches.iterate(start_position)
+
+        def checkpoint_position(step: int) -> tuple[int, int]:
+            return batches.advance(start_position, (step - start_step) * config.gradient_accumulation_steps)
+
         window = MetricWindow(self.env.device)
         self.model.train()
         progress = tqdm(
@@ -540,13 +567,13 @@ class Trainer:
                 window.reset()
             if self.eval_set is not None and config.eval_steps and step % config.eval_steps == 0 and step != self.total_steps:
                 self.loggers.log(step, self.evaluate())
+            saved = None
             if config.save_steps and step % config.save_steps == 0:
-                position = batches.advance(start_position, (step - start_step) * config.gradient_accumulation_steps)
-                trainer_state = {
-                    "global_step": step, "data_position": position, "world_size": self.env.world_size,
-                    "num_tokens": tokens_before + window.global_run_tokens(), "config": vars(config),
-                }
-                save_checkpoint(self.engine, config.output_dir, step, trainer_state, config.save_total_limit, self.env.rank)
+                saved = self._save(step, checkpoint_position(step), tokens_before + window.global_run_tokens())
+            if stop is not None and step < self.total_steps and (signum := stop.requested(self.env.device)):
+                progress.close()
+                saved = saved or self._save(step, checkpoint_position(step), tokens_before + window.global_run_tokens())
+                self._stop(signum, step, saved)
         progress.close()
 
         if self.eval_set is not None:
@@ -561,6 +588,25 @@ class Trainer:
             self.save_final()
         self.loggers.close()
         return results
+
+    def _save(self, step: int, position: tuple, num_tokens: int) -> str:
+        """checkpoint-<step>, complete and verified, the oldest rotated out. Collective."""
+        config = self.config
+        trainer_state = {
+            "global_step": step, "data_position": position, "world_size": self.env.world_size,
+            "num_tokens": num_tokens, "config": vars(config),
+        }
+        return save_checkpoint(self.engine, config.output_dir, step, trainer_state, config.save_total_limit, self.env.rank)
+
+    def _stop(self, signum: int, step: int, checkpoint: str):
+        """After a stop signal: one line naming the checkpoint just saved, then exit with 128 + the signal."""
+        self.loggers.close()
+        if self.env.is_main:
+            tqdm.write(
+                f"stopped by {signal.Signals(signum).name} after step {step}/{self.total_steps}: saved {checkpoint}; "
+                "the same command with --resume continues from it exactly", file=sys.stderr,
+            )
+        raise SystemExit(128 + signum)
 
     def save_final(self):
         final_dir = os.path.join(self.config.output_dir, "final")
@@ -604,11 +650,11 @@ def main(argv: list[str] | None = None) -> dict:
     env = init_distributed()
     try:
         # The lock comes first: --overwrite_output_dir must not remove the files of a run that is still going.
-        with OutputDirLock(config.output_dir, env.is_main):
+        with OutputDirLock(config.output_dir, env.is_main), StopSignals() as stop:
             if config.overwrite_output_dir and env.is_main:
                 remove_earlier_run(config.output_dir)
             dist.barrier()
-            return Trainer(config, env).fit()
+            return Trainer(config, env).fit(stop)
     finally:
         dist.destroy_process_group()
 
