@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from .cli import ArgumentParser, HelpFormatter, UserError, add_debug_flag, both_spellings
 from .loss import IMPLS
 from .objective import LOSS_TYPES, MAX_BETA, STATS_SCOPES
+from .sft import SFT_DEFAULTS
 
 BACKENDS = ("fsdp2", "deepspeed")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -27,6 +28,9 @@ OPTIONAL_PACKAGES = {
     ("backend", "deepspeed"): ("deepspeed", "deepspeed"),
     ("attn_implementation", "flash_attention_2"): ("flash_attn", "flash-attn"),
 }
+STAGES = ("preference", "sft")
+# Per stage, the fields whose defaults differ from the ones below (values: defaults < stage < --config < flags).
+STAGE_DEFAULTS = {"sft": SFT_DEFAULTS}
 
 
 def _field(default, help_text, choices=None):
@@ -35,6 +39,10 @@ def _field(default, help_text, choices=None):
 
 @dataclass
 class TrainConfig:
+    stage: str = _field(
+        "preference", "preference pairs (AMaPO, SimPO, DPO) or supervised fine-tuning on chats (sft: packed batches, "
+        "loss on assistant tokens)", STAGES,
+    )
     # Model and data. "toy" selects the embedded default (see amapo_fast/toy.py).
     model_name_or_path: str = _field("toy", "hub name or local folder of a causal LM; 'toy' builds a tiny random-init Llama")
     tokenizer_name_or_path: str | None = _field(None, "tokenizer to load; default: the model's")
@@ -54,6 +62,9 @@ class TrainConfig:
     toy_num_eval: int = _field(256, "rows generated for the toy evaluation split")
     max_length: int = _field(128, "maximum prompt + response tokens of one sequence")
     max_prompt_length: int = _field(64, "prompts longer than this are truncated from the left")
+    chat_template: str | None = _field(
+        None, "replace the tokenizer's chat template: a Jinja template, or zephyr (base models ship none)"
+    )
     dataset_num_proc: int | None = _field(None, "processes for tokenization (datasets' map)")
     packed: bool = _field(False, "padding-free batches: sequences concatenated, varlen attention via position_ids")
     prefix_sharing: bool = _field(
@@ -215,8 +226,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--stage", default=None)
     known, _ = pre.parse_known_args(argv)
     defaults = load_yaml(known.config) if known.config else {}
+    defaults = {**STAGE_DEFAULTS.get(known.stage or defaults.get("stage"), {}), **defaults}
     args = vars(build_parser(defaults).parse_args(argv))
     args.pop("config")
     args.pop("debug")
@@ -269,6 +282,8 @@ def validate(config: TrainConfig) -> TrainConfig:
             "--attn_implementation flash_attention_2 cannot take prefix sharing's attention mask: use auto, sdpa, "
             "eager or flex_attention, or --prefix_sharing false"
         )
+    if config.stage == "sft" and config.prefix_sharing:
+        raise UserError("--prefix_sharing shares a pair's prompt between its two responses; --stage sft has no pairs")
     if config.resume and config.overwrite_output_dir:
         raise UserError("--resume continues the run in output_dir, --overwrite_output_dir deletes it: choose one")
     for (name, value), (module, extra) in OPTIONAL_PACKAGES.items():

@@ -211,11 +211,13 @@ def load_policy(
     empty=False,
     prefix_sharing=False,
     liger_kernels=True,
+    policy_class=None,
     **loss_kwargs,
 ) -> PreferencePolicy:
     """Load a causal LM and wrap it as a `PreferencePolicy`; loss_kwargs go to `linear_preference_loss`
     (beta, loss_type, label_smoothing, gamma_beta_ratio, stats_scope, impl). `empty`, `prefix_sharing`,
-    `liger_kernels`: see `load_causal_lm`."""
+    `liger_kernels`: see `load_causal_lm`. `policy_class` replaces PreferencePolicy (the SFT stage's SftPolicy takes
+    `impl` only)."""
     causal_lm = load_causal_lm(
         name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation, empty=empty,
         prefix_sharing=prefix_sharing, liger_kernels=liger_kernels,
@@ -226,7 +228,7 @@ def load_policy(
             causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return PreferencePolicy(causal_lm, **loss_kwargs)
+    return (policy_class or PreferencePolicy)(causal_lm, **loss_kwargs)
 
 
 def decoder_layers(causal_lm) -> list[nn.Module]:

@@ -70,6 +70,7 @@ from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
 from amapo_fast.guard import LOCK_FILE, NonFiniteSteps, OutputDirLock, StopSignals, strict_json  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
+from amapo_fast.sft import CHAT_TEMPLATES, SftStage  # noqa: E402
 
 LOG_FILE = "log.jsonl"
 # What an earlier run leaves in output_dir; --overwrite_output_dir removes exactly these.
@@ -92,12 +93,11 @@ class PreferenceSplits:
 def _raw_splits(config: TrainConfig):
     """(train rows, held-out rows or None, where the held-out rows come from) before tokenization."""
     if config.dataset_name == TOY:
-        from amapo_fast.toy import make_toy_preference_dataset
-
-        train = make_toy_preference_dataset(config.toy_num_train, seed=config.seed)
+        make_toy_dataset = STAGES[config.stage].make_toy_dataset
+        train = make_toy_dataset(config.toy_num_train, seed=config.seed)
         if not config.eval_split:
             return train, None, "none (--eval_split none)"
-        return train, make_toy_preference_dataset(config.toy_num_eval, seed=config.seed + 1), "generated"
+        return train, make_toy_dataset(config.toy_num_eval, seed=config.seed + 1), "generated"
     train = load_preference_dataset(
         config.dataset_name, config.train_split, config.dataset_config_name, split_flag="--train_split"
     )
@@ -146,11 +146,7 @@ def load_splits(config: TrainConfig, tokenizer) -> PreferenceSplits:
             dataset = dataset.select(range(min(limit, len(dataset))))
         read.append(len(dataset))
         with local_main_first(), data_errors():
-            tokenized.append(
-                tokenize_preference_dataset(
-                    dataset, tokenizer, config.max_length, config.max_prompt_length, num_proc=config.dataset_num_proc
-                )
-            )
+            tokenized.append(STAGES[config.stage].tokenize(dataset, tokenizer, config))
     return PreferenceSplits(tokenized[0], tokenized[1], read[0], read[1], held_out_source)
 
 
@@ -215,12 +211,12 @@ class MetricWindow:
 STEP_LINE = (("loss", "loss"), ("rewards/accuracies", "acc"), ("rewards/margins", "margin"),
              ("grad_norm", "grad_norm"), ("lr", "lr"), ("tokens_per_s", "tok/s"))
 EVAL_LINE = (("eval/ranking_accuracy", "ranking accuracy"), ("eval/loss", "loss"),
-             ("eval/rewards/margins", "margin"))
+             ("eval/rewards/margins", "margin"), ("eval/mean_token_accuracy", "token acc"))
 
 
 def _short_line(step: int, total_steps: int, values: dict) -> str:
     """`step 10/100  loss 1.46  acc 0.688 ...`: a few figures that fit a terminal line; log.jsonl has them all."""
-    fields = EVAL_LINE if "eval/ranking_accuracy" in values else STEP_LINE
+    fields = EVAL_LINE if any(key.startswith("eval/") for key in values) else STEP_LINE
     parts = [f"step {step}/{total_steps}" + (" eval" if fields is EVAL_LINE else "")]
     for key, label in fields:
         if key in values:
@@ -337,6 +333,46 @@ def evaluate_held_out(model, ref_model, dataset, collator, config: TrainConfig) 
     return results
 
 
+class PreferenceStage:
+    """What preference training (AMaPO, its ablations, SimPO, DPO) supplies to the trainer; sft.SftStage is SFT's."""
+
+    name = "preference"
+    unit = "pairs"
+    headline = ("eval/ranking_accuracy", "ranking_accuracy")  # the held-out figure printed before -> after
+
+    def make_toy_dataset(self, num_rows: int, seed: int):
+        from amapo_fast.toy import make_toy_preference_dataset
+
+        return make_toy_preference_dataset(num_rows, seed=seed)
+
+    def tokenize(self, dataset, tokenizer, config):
+        return tokenize_preference_dataset(
+            dataset, tokenizer, config.max_length, config.max_prompt_length, num_proc=config.dataset_num_proc
+        )
+
+    def collator(self, tokenizer, config):
+        return PreferenceCollator(tokenizer.pad_token_id, packed=config.packed, prefix_sharing=config.prefix_sharing)
+
+    def policy_kwargs(self, config) -> dict:
+        return dict(
+            beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+            gamma_beta_ratio=config.gamma_beta_ratio, stats_scope=config.stats_scope, impl=config.loss_impl,
+        )
+
+    def needs_reference_model(self, config, train_set) -> bool:
+        """DPO without precomputed reference log-probs scores with a frozen reference model."""
+        return config.loss_type == "dpo" and REF_COLUMNS[0] not in train_set.column_names
+
+    def describe_loss(self, config, impl: str) -> str:
+        return f"{config.loss_type}, beta {config.beta:g}, implementation {impl}"
+
+    def evaluate(self, model, ref_model, dataset, collator, config) -> dict:
+        return evaluate_held_out(model, ref_model, dataset, collator, config)
+
+
+STAGES = {"preference": PreferenceStage(), "sft": SftStage()}
+
+
 def use_bf16(config: TrainConfig, env: DistEnv) -> bool:
     """Whether to compute in bf16 ('auto': on CUDA only; CPUs run fp32 faster and exactly)."""
     if config.precision == "auto":
@@ -349,6 +385,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, env: DistEnv):
         self.config, self.env = config, env
+        self.stage = STAGES[config.stage]
         set_seed(config.seed)
         # Resolved before anything loads, so that a wrong --resume is one line at once.
         self.resume_path = None
@@ -365,11 +402,11 @@ class Trainer:
                     check_model_folder(getattr(config, flag), f"--{flag}")
         with user_errors(OSError, ValueError, prefix=f"tokenizer {tokenizer_name}: "):
             self.tokenizer = load_tokenizer(tokenizer_name)
+        if config.chat_template:
+            self.tokenizer.chat_template = CHAT_TEMPLATES.get(config.chat_template, config.chat_template)
         self.splits = load_splits(config, self.tokenizer)
         self.train_set, self.eval_set = self.splits.train, self.splits.held_out
-        self.collator = PreferenceCollator(
-            self.tokenizer.pad_token_id, packed=config.packed, prefix_sharing=config.prefix_sharing
-        )
+        self.collator = self.stage.collator(self.tokenizer, config)
         self._plan_steps()
         self.bf16 = use_bf16(config, env)
         self._build_models()
@@ -402,10 +439,7 @@ class Trainer:
         config = self.config
         if config.cpu_offload and self.env.device.type != "cuda":
             raise UserError("--cpu_offload moves GPU state to the CPU; on a CPU-only machine everything is there already")
-        loss_kwargs = dict(
-            beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-            gamma_beta_ratio=config.gamma_beta_ratio, stats_scope=config.stats_scope, impl=config.loss_impl,
-        )
+        loss_kwargs = self.stage.policy_kwargs(config)
         # fp32 master weights; bf16 compute comes from FSDP2's mixed precision or DeepSpeed's bf16 mode.
         model_kwargs = dict(
             tokenizer=self.tokenizer, dtype=torch.float32, attn_implementation=config.attn_implementation,
@@ -428,7 +462,7 @@ class Trainer:
         self.policy = self.engine.policy
         self.model = self.engine.model  # what to call: FSDP2's root module or the DeepSpeed engine
         self.ref_model = None
-        if config.loss_type == "dpo" and REF_COLUMNS[0] not in self.train_set.column_names:
+        if self.stage.needs_reference_model(config, self.train_set):
             # DPO without precomputed log-probs: the frozen reference model, sharded like the policy, under no-grad.
             set_seed(config.seed)
             reference_name = config.ref_model_name_or_path or config.model_name_or_path
@@ -442,7 +476,7 @@ class Trainer:
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.parameters())
         train_dropped = splits.train_rows_read - len(self.train_set)
         held_out = "none" if self.eval_set is None else (
-            f"{len(self.eval_set)} pairs ({splits.held_out_source}"
+            f"{len(self.eval_set)} {self.stage.unit} ({splits.held_out_source}"
             + (f", {splits.held_out_rows_read - len(self.eval_set)} unusable rows dropped)"
                if splits.held_out_rows_read > len(self.eval_set) else ")")
         )
@@ -450,17 +484,17 @@ class Trainer:
         lines = [
             ("model", f"{config.model_name_or_path} ({type(self.policy.causal_lm).__name__}, "
                       f"{parameters / 1e6:.2f} M parameters)"),
-            ("training data", f"{config.dataset_name}: {len(self.train_set)} pairs ({train_dropped} unusable rows "
-                              "dropped)"),
+            ("training data", f"{config.dataset_name}: {len(self.train_set)} {self.stage.unit} ({train_dropped} "
+                              "unusable rows dropped)"),
             ("held-out data", held_out),
-            ("loss", f"{config.loss_type}, beta {config.beta:g}, implementation {self.loss_impl}"),
+            ("loss", self.stage.describe_loss(config, self.loss_impl)),
             ("layout", f"{'prefix-shared' if config.prefix_sharing else 'unshared'} pairs, "
                        f"{'packed' if config.packed else 'padded'}, attention "
                        f"{self.policy.causal_lm.config._attn_implementation}"),
             ("trunk kernels", self.policy.causal_lm.liger_status),
             ("processes", f"{self.env.world_size} on {self.env.device.type}, {config.backend}, "
                           f"{'bf16' if self.bf16 else 'fp32'}"),
-            ("batch", f"{self.step_pairs} pairs per optimizer step ({config.per_device_train_batch_size} per device "
+            ("batch", f"{self.step_pairs} {self.stage.unit} per optimizer step ({config.per_device_train_batch_size} per device "
                       f"x {self.env.world_size} process(es) x {config.gradient_accumulation_steps} accumulation)"),
             ("steps", f"{self.total_steps} ({epochs:.3g} epoch(s) of {self.steps_per_epoch}), warmup "
                       f"{self.warmup_steps}, peak lr {config.learning_rate:g}, cosine decay"),
@@ -490,7 +524,7 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        return evaluate_held_out(self.model, self.ref_model, self.eval_set, self.collator, self.config)
+        return self.stage.evaluate(self.model, self.ref_model, self.eval_set, self.collator, self.config)
 
     def resume(self) -> dict:
         """Load the checkpoint found at start-up; returns its trainer state (global_step, data_position, ...)."""
@@ -529,10 +563,11 @@ class Trainer:
         tokens_before = state.get("num_tokens", 0)
         self.loggers = Loggers(config, self.env, self.total_steps, start_step)
         results = {"train_pairs": len(self.train_set), "total_steps": self.total_steps}
+        headline_key, headline = self.stage.headline
         if self.eval_set is not None and start_step == 0:
             before = self.evaluate()
             self.loggers.log(0, before)
-            results["ranking_accuracy_before"] = before["eval/ranking_accuracy"]
+            results[f"{headline}_before"] = before[headline_key]
 
         batches = MicroBatches(
             self.train_set, self.collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
@@ -579,11 +614,14 @@ class Trainer:
         if self.eval_set is not None:
             after = self.evaluate()
             self.loggers.log(self.total_steps, after)
-            results.update(after, ranking_accuracy_after=after["eval/ranking_accuracy"])
+            results.update(after, **{f"{headline}_after": after[headline_key]})
             if self.env.is_main:
-                before = results.get("ranking_accuracy_before")
+                before = results.get(f"{headline}_before")
                 shown = f"{before:.3f} -> " if before is not None else ""
-                print(f"held-out ranking accuracy: {shown}{after['eval/ranking_accuracy']:.3f} ({len(self.eval_set)} pairs)")
+                print(
+                    f"held-out {headline.replace('_', ' ')}: {shown}{after[headline_key]:.3f} "
+                    f"({len(self.eval_set)} {self.stage.unit})"
+                )
         if config.save_final:
             self.save_final()
         self.loggers.close()
