@@ -192,6 +192,24 @@ class MetricWindow:
         self.tokens += tokens
         self.run_tokens += tokens
 
+    def state(self) -> dict | None:
+        """The window so far, summed over ranks, for a checkpoint (None when it is empty). Collective."""
+        counts = torch.tensor([self.micro_batches, self.tokens], dtype=torch.float64, device=self.device)
+        counts = all_reduce_sum(counts)
+        if counts[0] == 0:
+            return None
+        return {"keys": self.keys, "sums": all_reduce_sum(self.sums).tolist(), "micro_batches": int(counts[0]),
+                "tokens": int(counts[1]), "seconds": self.seconds}
+
+    def restore(self, state: dict | None, is_main: bool):
+        """Continue a checkpoint's window, so that the first record after a resume averages what an uninterrupted
+        run's would. The sums are global: rank 0 carries them, the other ranks start empty."""
+        if state is None or not is_main:
+            return
+        self.keys = state["keys"]
+        self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+        self.micro_batches, self.tokens, self.seconds = state["micro_batches"], state["tokens"], state["seconds"]
+
     def global_run_tokens(self) -> int:
         """Every rank's tokens since this process started training (a collective: every rank calls it)."""
         return int(all_reduce_sum(torch.tensor([self.run_tokens], dtype=torch.float64, device=self.device)))
@@ -579,6 +597,12 @@ class Trainer:
             return batches.advance(start_position, (step - start_step) * config.gradient_accumulation_steps)
 
         window = MetricWindow(self.env.device)
+        window.restore(state.get("metric_window"), self.env.is_main)
+
+        def save(step: int) -> str:
+            num_tokens = tokens_before + window.global_run_tokens()
+            return self._save(step, checkpoint_position(step), num_tokens, window.state())
+
         self.model.train()
         progress = tqdm(
             total=self.total_steps, initial=start_step, desc="training", disable=not self.env.is_main,
@@ -604,11 +628,10 @@ class Trainer:
                 self.loggers.log(step, self.evaluate())
             saved = None
             if config.save_steps and step % config.save_steps == 0:
-                saved = self._save(step, checkpoint_position(step), tokens_before + window.global_run_tokens())
+                saved = save(step)
             if stop is not None and step < self.total_steps and (signum := stop.requested(self.env.device)):
                 progress.close()
-                saved = saved or self._save(step, checkpoint_position(step), tokens_before + window.global_run_tokens())
-                self._stop(signum, step, saved)
+                self._stop(signum, step, saved or save(step))
         progress.close()
 
         if self.eval_set is not None:
@@ -627,12 +650,12 @@ class Trainer:
         self.loggers.close()
         return results
 
-    def _save(self, step: int, position: tuple, num_tokens: int) -> str:
+    def _save(self, step: int, position: tuple, num_tokens: int, metric_window: dict | None) -> str:
         """checkpoint-<step>, complete and verified, the oldest rotated out. Collective."""
         config = self.config
         trainer_state = {
             "global_step": step, "data_position": position, "world_size": self.env.world_size,
-            "num_tokens": num_tokens, "config": vars(config),
+            "num_tokens": num_tokens, "metric_window": metric_window, "config": vars(config),
         }
         return save_checkpoint(self.engine, config.output_dir, step, trainer_state, config.save_total_limit, self.env.rank)
 
