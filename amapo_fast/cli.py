@@ -123,6 +123,34 @@ def require_existing_if_local(name: str, flag: str):
         or ("/" in name and os.path.isdir(first))
     ):
         raise UserError(f"{flag} {name}: no such file or folder")
+    require_hub_reachable(name, flag)
+
+
+_HUB_REACHABLE = {}  # endpoint -> None when reachable, else why not (asked once per process)
+
+
+def require_hub_reachable(name: str, flag: str, timeout: float = 3.0):
+    """A hub name needs the hub: without a network the libraries retry for half a minute before failing, so
+    the hub's host is asked once, briefly. HF_HUB_OFFLINE=1 (the local cache only) skips the question."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    import socket
+    import urllib.parse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_REACHABLE:
+        url = urllib.parse.urlsplit(endpoint)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            _HUB_REACHABLE[endpoint] = None
+        except OSError as error:
+            _HUB_REACHABLE[endpoint] = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    if _HUB_REACHABLE[endpoint] is not None:
+        raise UserError(
+            f"{flag} {name}: not a local file or folder, and the hub ({endpoint}) cannot be reached "
+            f"({_HUB_REACHABLE[endpoint]}): pass a local path, or set HF_HUB_OFFLINE=1 to load it from the local "
+            "Hugging Face cache"
+        )
 
 
 EXPORT_HINT = "export one to a model folder with python -m amapo_fast.export"

@@ -41,7 +41,7 @@ from amapo_fast.cli import (  # noqa: E402
     require_existing_if_local,
     user_errors,
 )
-from amapo_fast.config import TrainConfig, parse_config, training_record  # noqa: E402
+from amapo_fast.config import TrainConfig, check_resume_matches, parse_config, training_record  # noqa: E402
 from amapo_fast.data import (  # noqa: E402
     REF_COLUMNS,
     SOURCE_ROW,
@@ -333,6 +333,7 @@ class Trainer:
         self.resume_path = None
         if config.resume:
             self.resume_path = resolve_resume(config.resume, config.output_dir)
+            check_resume_matches(config, self.resume_path)
         # The loss path this device will run ('auto' resolved); an impossible choice is refused before loading.
         with user_errors(ValueError, prefix="--loss_impl: "):
             self.loss_impl = resolve_impl(config.loss_impl, env.device)
