@@ -59,6 +59,41 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def progress_bars() -> bool:
+    """Whether to draw progress bars: on a terminal only; in a log file every redraw would be a line of its own."""
+    return sys.stderr.isatty()
+
+
+def quiet_library_progress():
+    """Turn off the libraries' own bars ('Generating train split', 'Loading weights', 'Writing model shards'):
+    the commands draw one bar per long phase themselves (tokenizing, training, evaluating)."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:  # an image without datasets still trains on tensors and evaluates nothing
+        return
+    datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def datasets_progress():
+    """datasets' bar for the block (a long map such as tokenization), on a terminal only."""
+    import datasets
+
+    if not progress_bars():
+        yield
+        return
+    datasets.enable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.disable_progress_bars()
+
+
 def add_debug_flag(parser: argparse.ArgumentParser):
     parser.add_argument(
         DEBUG_FLAG, action="store_true", help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)"

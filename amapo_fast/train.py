@@ -38,6 +38,8 @@ from amapo_fast.cli import (  # noqa: E402
     check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
+    progress_bars,
+    quiet_library_progress,
     require_existing_if_local,
     user_errors,
 )
@@ -520,7 +522,7 @@ class Trainer:
         window = MetricWindow(self.env.device)
         self.model.train()
         progress = tqdm(
-            total=self.total_steps, initial=start_step, desc="training", disable=not self.env.is_main,
+            total=self.total_steps, initial=start_step, desc="training", disable=not (self.env.is_main and progress_bars()),
             dynamic_ncols=True,
         )
         for step in range(start_step + 1, self.total_steps + 1):
@@ -588,6 +590,7 @@ def remove_earlier_run(output_dir: str):
 def main(argv: list[str] | None = None) -> dict:
     """Parse the settings, join the process group, train; returns the final results (ranking accuracy, eval metrics)."""
     config = parse_config(argv)
+    quiet_library_progress()
     check_output_dir(
         config.output_dir, "--output_dir", must_be_empty=not (config.resume or config.overwrite_output_dir),
         empty_hint="; pass --overwrite_output_dir to replace it, --resume to continue it, or another --output_dir",

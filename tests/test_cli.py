@@ -428,3 +428,15 @@ def test_resume_with_other_data_than_the_checkpoints_run_is_refused(finished_run
     line = _user_error(capsys, train.main, ["--resume", str(run / "checkpoint-2"), "--dataset_name", str(small_file),
                                             "--output_dir", str(run)])
     assert f"--resume {run / 'checkpoint-2'}: its run used --dataset_name toy, this one {small_file}" in line
+
+
+def test_no_progress_bars_when_the_output_is_not_a_terminal(small_file, tmp_path, capfd):
+    """A run whose output goes to a file (here: captured) gets its lines and no bar, its own or a library's."""
+    train.main(["--dataset_name", str(small_file), "--output_dir", str(tmp_path / "run")])
+    evaluate.main(["--model", str(tmp_path / "run" / "final"), "--dataset", str(small_file), "--split", "test",
+                   "--output-dir", str(tmp_path / "eval")])
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "held-out ranking accuracy" in output and "ranking accuracy % [95% CI]" in output
+    for bar in ("it/s", "examples/s", "batch/s", "Loading weights", "Generating train split", "tokenizing", "\r"):
+        assert bar not in output, (bar, output[-2000:])
