@@ -440,3 +440,13 @@ def test_no_progress_bars_when_the_output_is_not_a_terminal(small_file, tmp_path
     assert "held-out ranking accuracy" in output and "ranking accuracy % [95% CI]" in output
     for bar in ("it/s", "examples/s", "batch/s", "Loading weights", "Generating train split", "tokenizing", "\r"):
         assert bar not in output, (bar, output[-2000:])
+
+
+def test_readme_install_lines_are_commands_and_name_the_ones_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    install = readme.split("## Install", 1)[1].split("## ", 1)[0]
+    commands = [line for line in install.splitlines() if line.startswith("pip install")]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in commands
+    assert not [line for line in commands if "<" in line], commands  # no placeholders
+    ci_torch = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if "install torch" in line]
+    assert ci_torch and all(f"`{line}`" in install for line in ci_torch), ci_torch
