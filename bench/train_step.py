@@ -373,8 +373,10 @@ def main(argv=None):
         text = render({**env, **report.machine_load()}, setup, rows_out)
         (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "setup": setup, "results": rows_out}, indent=1))
         (args.out / f"{stem}.md").write_text(text)
-        plot(rows_out, args.out / f"{stem}.png", f"One training step per method: {setup['model']}, {setup['dtype']}, "
-             f"{env['device_name']} ({env['device']})")
+        model = setup["model"]
+        plot(rows_out, args.out / f"{stem}.png",
+             f"One training step per method: Llama D={model['hidden_size']}, {model['num_hidden_layers']} layers, "
+             f"V={model['vocab_size']}, {setup['dtype']}, {env['device_name']} ({env['device']})")
         return text
 
     def each(phase, measure):
