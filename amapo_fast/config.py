@@ -301,3 +301,27 @@ RECORDED_FIELDS = ("max_length", "max_prompt_length", "loss_type", "beta", "data
 
 def training_record(config: TrainConfig) -> dict:
     return {name: getattr(config, name) for name in RECORDED_FIELDS}
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint: another model or other data would
+# continue the optimizer state and the data position of a different run.
+RESUME_MUST_MATCH = ("model_name_or_path", "dataset_name", "dataset_config_name", "train_split")
+
+
+def check_resume_matches(config: TrainConfig, checkpoint: str):
+    """Refuse resuming a checkpoint with another model or other data than its run's (its trainer_state.json
+    records the run's settings; an unreadable one is left to the checkpoint's own checks)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+            saved = json.load(handle)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name in RESUME_MUST_MATCH:
+        if name in saved and saved[name] != getattr(config, name):
+            raise UserError(
+                f"--resume {checkpoint}: its run used --{name} {saved[name]}, this one {getattr(config, name)}: pass "
+                f"the same --{name} to continue it, or start a new run in another --output_dir"
+            )

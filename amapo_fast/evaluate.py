@@ -43,6 +43,8 @@ from .cli import (
     check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
+    progress_bars,
+    quiet_library_progress,
     require_existing_if_local,
     user_errors,
 )
@@ -153,7 +155,8 @@ def score_pairs(model, dataloader, *, desc: str = "ranking eval", progress: bool
     was_training = model.training
     model.eval()
     sums, counts = [], []
-    for batch in tqdm(dataloader, desc=desc, unit="batch", disable=not progress or rank != 0, dynamic_ncols=True):
+    bar = progress and rank == 0 and progress_bars()
+    for batch in tqdm(dataloader, desc=desc, unit="batch", disable=not bar, dynamic_ncols=True):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         row_sums, row_counts = model(batch, sequence_logps=True)
         sums.append(row_sums.detach().double().cpu().view(2, -1))  # [chosen rows; rejected rows]
@@ -545,6 +548,7 @@ def main(argv=None) -> dict:
     from .model import load_policy, load_tokenizer
 
     args = parse_args(argv)
+    quiet_library_progress()
     names = args.compare or [args.model]
     labels = [_label(name) for name in names]
     if len(set(labels)) != len(labels):

@@ -45,10 +45,12 @@ from amapo_fast.cli import (  # noqa: E402
     check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
+    progress_bars,
+    quiet_library_progress,
     require_existing_if_local,
     user_errors,
 )
-from amapo_fast.config import TrainConfig, parse_config, training_record  # noqa: E402
+from amapo_fast.config import TrainConfig, check_resume_matches, parse_config, training_record  # noqa: E402
 from amapo_fast.data import (  # noqa: E402
     REF_COLUMNS,
     SOURCE_ROW,
@@ -409,6 +411,7 @@ class Trainer:
         self.resume_path = None
         if config.resume:
             self.resume_path = resolve_resume(config.resume, config.output_dir)
+            check_resume_matches(config, self.resume_path)
         # The loss path this device will run ('auto' resolved); an impossible choice is refused before loading.
         with user_errors(ValueError, prefix="--loss_impl: "):
             self.loss_impl = resolve_impl(config.loss_impl, env.device)
@@ -605,7 +608,7 @@ class Trainer:
 
         self.model.train()
         progress = tqdm(
-            total=self.total_steps, initial=start_step, desc="training", disable=not self.env.is_main,
+            total=self.total_steps, initial=start_step, desc="training", disable=not (self.env.is_main and progress_bars()),
             dynamic_ncols=True,
         )
         for step in range(start_step + 1, self.total_steps + 1):
@@ -694,6 +697,7 @@ def remove_earlier_run(output_dir: str):
 def main(argv: list[str] | None = None) -> dict:
     """Parse the settings, join the process group, train; returns the final results (ranking accuracy, eval metrics)."""
     config = parse_config(argv)
+    quiet_library_progress()
     check_output_dir(
         config.output_dir, "--output_dir", must_be_empty=not (config.resume or config.overwrite_output_dir),
         empty_hint="; pass --overwrite_output_dir to replace it, --resume to continue it, or another --output_dir",
