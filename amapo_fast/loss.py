@@ -191,7 +191,8 @@ def _validate_head(hidden, weight, bias):
 
 
 def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
-    """Shape, dtype, device and label checks that name the offending tensor. Returns the number of rows."""
+    """Shape, dtype and device checks that name the offending tensor (label values: _bad_labels). Returns the
+    number of rows."""
     _validate_head(hidden, weight, bias)
     vocab = weight.shape[0]
     if not isinstance(labels, torch.Tensor):
@@ -222,20 +223,29 @@ def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
             )
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be [2B + 1] boundaries, got shape {tuple(cu_seqlens.shape)}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != hidden.shape[0] or bool((cu_seqlens.diff() < 0).any()):
+        # One host sync for the three checks (the packed layout only).
+        first, last, falls = torch.stack([cu_seqlens[0], cu_seqlens[-1], (cu_seqlens.diff() < 0).any()]).tolist()
+        if first != 0 or last != hidden.shape[0] or falls:
             raise ValueError(f"cu_seqlens must rise from 0 to N={hidden.shape[0]}, got {cu_seqlens.tolist()}")
         rows = cu_seqlens.numel() - 1
-
-    check_labels(labels, vocab, ignore_index)
     return rows
 
 
+def _bad_labels(labels, vocab, ignore_index):
+    """Where labels lie outside [0, V) and are not ignore_index (a tensor: no host sync here)."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+
+
+def _raise_bad_label(labels, bad, vocab, ignore_index):
+    value = int(labels[bad][0])
+    raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+
+
 def check_labels(labels, vocab, ignore_index):
-    """Every label is ignore_index or a vocabulary id, else an error naming the first bad value."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):  # one device sync per call: the price of naming a bad label before a kernel reads it
-        value = int(labels[bad][0])
-        raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    """Every label is ignore_index or a vocabulary id, else an error naming the first bad value (one host sync)."""
+    bad = _bad_labels(labels, vocab, ignore_index)
+    if bool(bad.any()):
+        _raise_bad_label(labels, bad, vocab, ignore_index)
 
 
 def _check_pair_rows(rows):
@@ -274,10 +284,15 @@ def _tokens_by_sequence(hidden, tokens):
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), tokens.targets[order], cu_seqlens
 
 
-def _check_every_row_has_response(counts):
-    empty = (counts == 0).nonzero().flatten()
-    if empty.numel():
-        rows = empty.tolist()
+def _check_labels_and_rows(labels, bad, counts, vocab, ignore_index):
+    """Bad labels (bad: from _bad_labels, or None for a token list) and sequences without a response token
+    are user errors, named before any kernel reads a target: one host sync for both checks."""
+    any_bad, any_empty = torch.stack([bad.any() if bad is not None else counts.new_zeros((), dtype=torch.bool),
+                                      (counts == 0).any()]).tolist()  # fmt: skip
+    if any_bad:
+        _raise_bad_label(labels, bad, vocab, ignore_index)
+    if any_empty:
+        rows = (counts == 0).nonzero().flatten().tolist()
         raise ValueError(
             f"sequence row(s) {rows[:8]} have no response token (every label is ignore_index): "
             "their length-normalised log-prob is undefined; drop such pairs from the batch"
@@ -313,8 +328,10 @@ def linear_preference_loss(
     metrics over this rank's pairs and response tokens, keyed by METRIC_KEYS (the keys TRL and the
     AMaPO authors log). README.md states the loss exactly.
     """
+    bad = None
     if token_index is None:
         rows = _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+        bad = _bad_labels(labels, weight.shape[0], ignore_index)
     else:
         rows = _validate_token_index(hidden, weight, bias, labels, cu_seqlens, token_index)
     _check_pair_rows(rows)
@@ -330,8 +347,10 @@ def linear_preference_loss(
         stats_scope=stats_scope,
     )
     impl = _resolve_impl(impl, hidden.device)
+    # Host syncs of a call: the response tokens' positions (a data-dependent shape), the label and row
+    # checks, and, inside the objective, the margin's branch on a degenerate group (docs/kernels.md).
     tokens = token_index if token_index is not None else ResponseTokens(labels, ignore_index, cu_seqlens)
-    _check_every_row_has_response(tokens.counts)
+    _check_labels_and_rows(labels, bad, tokens.counts, weight.shape[0], ignore_index)
     if impl == "reference" and token_index is not None:
         token_hidden, targets, token_cu_seqlens = _tokens_by_sequence(hidden, tokens)
         return reference_preference_loss(token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens, **objective_kwargs)
@@ -361,6 +380,9 @@ def sequence_logps(
             return reference_sequence_logps(token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens)
     else:
         _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+        bad = _bad_labels(labels, weight.shape[0], ignore_index)
+        if bool(bad.any()):
+            _raise_bad_label(labels, bad, weight.shape[0], ignore_index)
     if impl == "reference":
         return reference_sequence_logps(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens

@@ -431,6 +431,8 @@ class Trainer:
         self._plan_steps()
         self.bf16 = use_bf16(config, env)
         self._build_models()
+        if self.loss_impl == "triton":
+            self._tune_kernels()
         self.nonfinite = NonFiniteSteps(config.on_nonfinite, config.output_dir, env.is_main)
         if env.is_main:
             self._print_summary()
@@ -488,6 +490,17 @@ class Trainer:
             set_seed(config.seed)
             reference_name = config.ref_model_name_or_path or config.model_name_or_path
             self.ref_model = self.engine.frozen(functools.partial(load, reference_name))
+
+    def _tune_kernels(self):
+        """Kernel configs for this head at every batch size the run can meet: chosen once on rank 0 (from its
+        disk cache, else by benchmarking) and launched by every rank (see kernels/tuning.py)."""
+        from amapo_fast.kernels.tuning import tune_head
+
+        weight = self.policy.head.weight
+        vocab, dim = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3 keeps the full shape in ds_shape
+        pairs = max(self.config.per_device_train_batch_size, self.config.per_device_eval_batch_size)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        tune_head(vocab, dim, dtype, self.env.device, max_tokens=2 * pairs * self.config.max_length)
 
     # --- start-up summary and warnings (rank 0) ---------------------------------------------------------
 
