@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from . import chunked
+from . import chunked, frozen_head
 from .objective import METRIC_KEYS, preference_objective, token_metrics, validate_objective_args
 from .reference import reference_preference_loss, reference_sequence_logps
 
@@ -118,7 +118,12 @@ class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend):
         response_hidden = tokens.gather(hidden)
-        pass1 = backend.token_logprobs(response_hidden, weight, bias, tokens.targets)
+        # A frozen head (no gradient for weight or bias): pass 1 also forms dH's basis and pass 2 is skipped.
+        ctx.frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        if ctx.frozen:
+            pass1, basis = frozen_head.token_logprobs_and_basis(response_hidden, weight, bias, tokens.targets)
+        else:
+            pass1, basis = backend.token_logprobs(response_hidden, weight, bias, tokens.targets), None
 
         with torch.enable_grad():
             sums = tokens.sequence_sums(pass1.logp).detach().requires_grad_(True)
@@ -135,7 +140,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         loss, coef = loss + poison, coef + poison
         metrics = {key: value + poison for key, value in metrics.items()}
 
-        ctx.save_for_backward(response_hidden, weight, bias, pass1.lse, coef)
+        ctx.save_for_backward(response_hidden, weight, bias, pass1.lse, coef, basis)
         ctx.tokens, ctx.backend, ctx.hidden_shape = tokens, backend, hidden.shape
         metric_values = torch.stack([metrics[key] for key in METRIC_KEYS])
         ctx.mark_non_differentiable(metric_values)
@@ -148,11 +153,14 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                 "linear_preference_loss: second-order gradients (create_graph=True) are not supported by the fused "
                 "implementations; use impl='reference' for double backward"
             )
-        response_hidden, weight, bias, lse, coef = ctx.saved_tensors
+        response_hidden, weight, bias, lse, coef, basis = ctx.saved_tensors
         tokens = ctx.tokens
-        d_response, d_weight, d_bias = ctx.backend.token_grads(
-            response_hidden, weight, bias, tokens.targets, lse, coef * grad_loss.to(coef.dtype)
-        )
+        coef = coef * grad_loss.to(coef.dtype)
+        if ctx.frozen:
+            d_response = frozen_head.hidden_grad(weight, tokens.targets, basis, coef, response_hidden.dtype)
+            d_weight = d_bias = None
+        else:
+            d_response, d_weight, d_bias = ctx.backend.token_grads(response_hidden, weight, bias, tokens.targets, lse, coef)
         d_hidden = None
         if ctx.needs_input_grad[0]:
             d_hidden = d_response.new_zeros(tokens.num_positions, d_response.shape[1])
