@@ -226,11 +226,16 @@ def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
             raise ValueError(f"cu_seqlens must rise from 0 to N={hidden.shape[0]}, got {cu_seqlens.tolist()}")
         rows = cu_seqlens.numel() - 1
 
+    check_labels(labels, vocab, ignore_index)
+    return rows
+
+
+def check_labels(labels, vocab, ignore_index):
+    """Every label is ignore_index or a vocabulary id, else an error naming the first bad value."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):  # one device sync per call: the price of naming a bad label before a kernel reads it
         value = int(labels[bad][0])
         raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
-    return rows
 
 
 def _check_pair_rows(rows):

@@ -226,12 +226,13 @@ def load_policy(
     prefix_sharing=False,
     liger_kernels=True,
     adapter_settings=None,
+    policy_class=None,
     **loss_kwargs,
 ) -> PreferencePolicy:
     """Load a causal LM and wrap it as a `PreferencePolicy`; loss_kwargs go to `linear_preference_loss`
     (beta, loss_type, label_smoothing, gamma_beta_ratio, stats_scope, impl). `empty`, `prefix_sharing`,
-    `liger_kernels`: see `load_causal_lm`. `adapter_settings` (adapters.AdapterSettings): LoRA adapters on the
-    frozen model."""
+    `liger_kernels`: see `load_causal_lm`. `policy_class` replaces PreferencePolicy (the SFT stage's SftPolicy takes
+    `impl` only). `adapter_settings` (adapters.AdapterSettings): LoRA adapters on the frozen model."""
     causal_lm = load_causal_lm(
         name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation, empty=empty,
         prefix_sharing=prefix_sharing, liger_kernels=liger_kernels,
@@ -246,7 +247,10 @@ def load_policy(
     peft_model = None
     if adapter_settings is not None:
         peft_model = adapters.add_adapters(causal_lm, adapter_settings, gradient_checkpointing)
-    return PreferencePolicy(causal_lm, peft_model, **loss_kwargs)
+    policy = (policy_class or PreferencePolicy)(causal_lm, **loss_kwargs)
+    # The peft wrapper of causal_lm when it carries adapters, kept out of the module tree (it holds the same modules).
+    object.__setattr__(policy, "peft_model", peft_model)
+    return policy
 
 
 def decoder_layers(causal_lm) -> list[nn.Module]:
