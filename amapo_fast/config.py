@@ -95,6 +95,17 @@ class TrainConfig:
     )
     cpu_offload: bool = _field(False, "offload parameters and optimizer state to CPU (FSDP2 CPUOffloadPolicy / ZeRO-3)")
 
+    # Adapters (peft): LoRA on the frozen model instead of training every weight.
+    use_peft: bool = _field(False, "train LoRA adapters (peft); the base model and the lm_head stay frozen")
+    lora_r: int = _field(16, "LoRA rank")
+    lora_alpha: float = _field(32.0, "LoRA alpha (the adapters' output is scaled by alpha / r)")
+    lora_dropout: float = _field(0.05, "dropout on the adapters' input, in [0, 1)")
+    lora_target_modules: str = _field(
+        "all-linear", "comma-separated names of the modules that get adapters; all-linear: every linear layer of the decoder"
+    )
+    load_in_4bit: bool = _field(False, "QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; with --use_peft)")
+    merge_adapters: bool = _field(False, "final/ holds the model with the adapters merged in, not an adapter folder")
+
     # Optimisation.
     learning_rate: float = _field(3e-3, "peak learning rate of AdamW")
     weight_decay: float = _field(0.0, "AdamW weight decay")
@@ -286,12 +297,34 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError("--prefix_sharing shares a pair's prompt between its two responses; --stage sft has no pairs")
     if config.resume and config.overwrite_output_dir:
         raise UserError("--resume continues the run in output_dir, --overwrite_output_dir deletes it: choose one")
+    _validate_adapters(config)
     for (name, value), (module, extra) in OPTIONAL_PACKAGES.items():
         if getattr(config, name) == value and importlib.util.find_spec(module) is None:
             raise UserError(f"--{name} {value} needs the {module} package: pip install -e \".[{extra}]\" (or pip install {extra})")
     if config.eval_split in ("", "none"):
         config.eval_split = None
     return config
+
+
+def _validate_adapters(config: TrainConfig):
+    _refuse_unless(config.lora_r > 0, "lora_r", config.lora_r, "must be positive")
+    _refuse_unless(0 < config.lora_alpha < math.inf, "lora_alpha", config.lora_alpha, "must be positive")
+    _refuse_unless(0 <= config.lora_dropout < 1, "lora_dropout", config.lora_dropout, "must lie in [0, 1)")
+    names = [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
+    _refuse_unless(bool(names), "lora_target_modules", repr(config.lora_target_modules), "names no module")
+    # The fused loss head reads the lm_head weight itself: an adapter there would be left out of the loss.
+    _refuse_unless(
+        "lm_head" not in names, "lora_target_modules", config.lora_target_modules,
+        "the lm_head stays frozen (the fused loss head reads its weight); leave lm_head out",
+    )
+    for flag in ("load_in_4bit", "merge_adapters"):
+        if getattr(config, flag) and not config.use_peft:
+            raise UserError(f"--{flag} applies to adapter training: add --use_peft")
+    if config.load_in_4bit and config.merge_adapters:
+        raise UserError(
+            "--merge_adapters cannot merge into a 4-bit base: keep the adapter folder and merge it onto the "
+            "full-precision model with peft"
+        )
 
 
 # What a trained model's config.json records of its training (key TRAINING_RECORD), for evaluation's defaults.

@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from amapo_fast import prefix  # noqa: E402
+from amapo_fast import adapters, prefix  # noqa: E402
 from amapo_fast.batches import MicroBatches  # noqa: E402
 from amapo_fast.checkpoint import (  # noqa: E402
     TEMPORARY_SUFFIX,
@@ -415,6 +415,9 @@ class Trainer:
         # The loss path this device will run ('auto' resolved); an impossible choice is refused before loading.
         with user_errors(ValueError, prefix="--loss_impl: "):
             self.loss_impl = resolve_impl(config.loss_impl, env.device)
+        self.adapter_settings = adapters.settings_from(config)
+        if self.adapter_settings is not None:
+            adapters.require_packages(self.adapter_settings, env.device)
         tokenizer_name = config.tokenizer_name_or_path or config.model_name_or_path
         for flag in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             if getattr(config, flag) not in (None, TOY):
@@ -479,17 +482,26 @@ class Trainer:
         load = functools.partial(load_policy, **model_kwargs, **loss_kwargs)
         set_seed(config.seed)  # the toy model's random init is the same in every run
         self.engine = ENGINES[config.backend](
-            functools.partial(load, config.model_name_or_path, gradient_checkpointing=config.gradient_checkpointing),
+            functools.partial(load, config.model_name_or_path, gradient_checkpointing=config.gradient_checkpointing,
+                              adapter_settings=self.adapter_settings),
             self.env, optim,
         )
         self.policy = self.engine.policy
         self.model = self.engine.model  # what to call: FSDP2's root module or the DeepSpeed engine
-        self.ref_model = None
-        if self.stage.needs_reference_model(config, self.train_set):
-            # DPO without precomputed log-probs: the frozen reference model, sharded like the policy, under no-grad.
-            set_seed(config.seed)
-            reference_name = config.ref_model_name_or_path or config.model_name_or_path
-            self.ref_model = self.engine.frozen(functools.partial(load, reference_name))
+        self.ref_model = self._reference(load)
+
+    def _reference(self, load):
+        """What scores the reference log-probs of a loss that needs them (DPO) when the data has none
+        precomputed, called under no-grad: the policy with its adapters switched off when it trains adapters
+        (no second model), else the frozen reference model, sharded like the policy. None otherwise."""
+        config = self.config
+        if not self.stage.needs_reference_model(config, self.train_set):
+            return None
+        if self.policy.peft_model is not None and not config.ref_model_name_or_path:
+            return adapters.DisabledAdapters(self.model, self.policy.peft_model)
+        set_seed(config.seed)
+        reference_name = config.ref_model_name_or_path or config.model_name_or_path
+        return self.engine.frozen(functools.partial(load, reference_name))
 
     def _tune_kernels(self):
         """Kernel configs for this head at every batch size the run can meet: chosen once on rank 0 (from its
@@ -526,6 +538,7 @@ class Trainer:
                        f"{'packed' if config.packed else 'padded'}, attention "
                        f"{self.policy.causal_lm.config._attn_implementation}"),
             ("trunk kernels", self.policy.causal_lm.liger_status),
+            ("adapters", self._adapter_line()),
             ("processes", f"{self.env.world_size} on {self.env.device.type}, {config.backend}, "
                           f"{'bf16' if self.bf16 else 'fp32'}"),
             ("batch", f"{self.step_pairs} {self.stage.unit} per optimizer step ({config.per_device_train_batch_size} per device "
@@ -538,6 +551,15 @@ class Trainer:
         print("\n".join(f"{name:<{width}}  {text}" for name, text in lines), flush=True)
         for warning in self._small_run_warnings():
             print(f"warning: {warning}", flush=True)
+
+    def _adapter_line(self) -> str:
+        settings = self.adapter_settings
+        if settings is None:
+            return "none (every weight trains)"
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.parameters() if p.requires_grad)
+        return (f"LoRA r {settings.r}, alpha {settings.alpha:g}, dropout {settings.dropout:g} on "
+                f"{settings.target_modules}{', 4-bit base' if settings.load_in_4bit else ''}: "
+                f"{trainable / 1e6:.3f} M trainable parameters")
 
     def _small_run_warnings(self) -> list[str]:
         config, warnings = self.config, []
@@ -690,9 +712,12 @@ class Trainer:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         # In config.json, so that evaluation scores the model with the truncation it was trained with.
         self.policy.causal_lm.config.amapo_fast_training = training_record(self.config)
-        save_pretrained(self.engine, self.policy, self.tokenizer, final_dir, dtype, self.env.rank)
+        save_pretrained(self.engine, self.policy, self.tokenizer, final_dir, dtype, self.env.rank,
+                        base_model=self.config.model_name_or_path, merge_adapters=self.config.merge_adapters)
         if self.env.is_main:
-            print(f"saved the trained model to {final_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+            loader = "peft.AutoPeftModelForCausalLM" if self.policy.peft_model is not None and not \
+                self.config.merge_adapters else "AutoModelForCausalLM"
+            print(f"saved the trained model to {final_dir} ({loader}.from_pretrained loads it)")
 
 
 # --- command line: settings and the output folder are checked before anything loads ------------------------
