@@ -60,6 +60,9 @@ from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  #
 from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
 from amapo_fast.guard import LOCK_FILE, NonFiniteSteps, OutputDirLock, strict_json  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
+from amapo_fast.config import CONFIG_LOSS_PARAMS  # noqa: E402
+from amapo_fast.losses import LOSSES  # noqa: E402
+from amapo_fast.losses.kto import KL_PREFIX, KLCompletions  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
 
 LOG_FILE = "log.jsonl"
@@ -298,9 +301,14 @@ def evaluate_held_out(model, ref_model, dataset, collator, config: TrainConfig) 
         ref_logps = torch.cat([reference.chosen_logps, reference.rejected_logps])
     elif REF_COLUMNS[0] in dataset.column_names:
         ref_logps = torch.tensor(dataset[REF_COLUMNS[0]] + dataset[REF_COLUMNS[1]], dtype=torch.float64)
+    if not LOSSES[config.loss_type].needs_reference:
+        ref_logps = None
+    # KTO's KL estimate is a training-batch quantity: the held-out loss is reported with KL = 0.
+    kl = {"kto_kl": 0.0} if LOSSES[config.loss_type].needs_kl else {}
     loss, metrics = preference_objective(
         sums, lengths, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
         gamma_beta_ratio=config.gamma_beta_ratio, ref_logps=ref_logps, stats_scope="local",
+        **{name: getattr(config, name) for name in CONFIG_LOSS_PARAMS}, **kl,
     )
     results = {"eval/ranking_accuracy": ranking_summary(scores, config.beta)["ranking_accuracy"], "eval/loss": float(loss)}
     results.update({f"eval/{key}": float(value) for key, value in metrics.items()})
@@ -373,6 +381,7 @@ class Trainer:
         loss_kwargs = dict(
             beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
             gamma_beta_ratio=config.gamma_beta_ratio, stats_scope=config.stats_scope, impl=config.loss_impl,
+            **{name: getattr(config, name) for name in CONFIG_LOSS_PARAMS},
         )
         # fp32 master weights; bf16 compute comes from FSDP2's mixed precision or DeepSpeed's bf16 mode.
         model_kwargs = dict(
@@ -396,8 +405,10 @@ class Trainer:
         self.policy = self.engine.policy
         self.model = self.engine.model  # what to call: FSDP2's root module or the DeepSpeed engine
         self.ref_model = None
-        if config.loss_type == "dpo" and REF_COLUMNS[0] not in self.train_set.column_names:
-            # DPO without precomputed log-probs: the frozen reference model, sharded like the policy, under no-grad.
+        loss_def = LOSSES[config.loss_type]
+        if loss_def.needs_reference and (loss_def.needs_kl or REF_COLUMNS[0] not in self.train_set.column_names):
+            # DPO, IPO, KTO without precomputed log-probs (KTO always: its mismatched completions are scored too):
+            # the frozen reference model, sharded like the policy, under no-grad.
             set_seed(config.seed)
             reference_name = config.ref_model_name_or_path or config.model_name_or_path
             self.ref_model = self.engine.frozen(functools.partial(load, reference_name))
@@ -477,7 +488,10 @@ class Trainer:
             batch = next(stream)
             tokens = count_tokens(batch)
             batch = to_device(batch, self.env.device)
-            if self.ref_model is not None:
+            if LOSSES[self.config.loss_type].needs_kl:
+                kl_batch = {key[len(KL_PREFIX):]: batch.pop(key) for key in list(batch) if key.startswith(KL_PREFIX)}
+                batch["kto_kl"] = self.kl_estimate(kl_batch)
+            if self.ref_model is not None and "ref_logps" not in batch:
                 with torch.no_grad():
                     batch["ref_logps"], _ = self.ref_model(batch, sequence_logps=True)
             loss, metrics = self.model(batch)
@@ -486,6 +500,16 @@ class Trainer:
         grad_norm = self.engine.step()
         window.add_time(time.perf_counter() - started)
         return grad_norm, lr
+
+    @torch.no_grad()
+    def kl_estimate(self, kl_batch: dict) -> torch.Tensor:
+        """KTO's KL term: max(0, mean over every rank's mismatched completions of policy minus reference summed
+        log-prob), detached."""
+        policy, _ = self.model(kl_batch, sequence_logps=True)
+        reference, _ = self.ref_model(kl_batch, sequence_logps=True)
+        gap = policy.double() - reference.double()
+        totals = all_reduce_sum(torch.stack([gap.sum(), gap.new_tensor(gap.numel())]))
+        return (totals[0] / totals[1]).clamp(min=0)
 
     def fit(self) -> dict:
         config = self.config
@@ -500,8 +524,11 @@ class Trainer:
             self.loggers.log(0, before)
             results["ranking_accuracy_before"] = before["eval/ranking_accuracy"]
 
+        collator = self.collator
+        if LOSSES[config.loss_type].needs_kl:
+            collator = KLCompletions(collator, config.max_length)
         batches = MicroBatches(
-            self.train_set, self.collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
+            self.train_set, collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
             config.seed, self.micro_per_epoch,
         )
         stream = batches.iterate(start_position)
