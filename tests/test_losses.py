@@ -3,6 +3,7 @@ functions where TRL is installed, float64 finite differences of the fused path, 
 and the head module's pass-through of the loss keywords. (Each loss's formula is checked by hand in
 test_objective.py; fp32 fused-vs-reference for every loss type in test_loss.py.)"""
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,25 @@ def test_head_module_passes_the_loss_keywords(loss_type):
     default, _ = linear_preference_loss(hidden, weight, labels, beta=0.5, loss_type=loss_type, impl="reference",
                                         ref_logps=ref, **({"kto_kl": 0.2} if loss_type == "kto" else {}))
     assert not torch.allclose(loss, default)  # the keywords changed the loss
+
+
+RECIPES = [path for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+           if path.stem.rsplit("-", 1)[1] in LOSSES]
+
+
+def test_every_setup_has_a_recipe_per_baseline():
+    setups = {path.stem.rsplit("-", 1)[0] for path in RECIPES}
+    assert len(setups) == 4 and len(RECIPES) == 4 * 7  # the paper's four setups x simpo, dpo and the five above
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.stem)
+def test_baseline_recipes_parse(path):
+    from amapo_fast.config import parse_config
+
+    config = parse_config(["--config", str(path)])
+    assert config.loss_type == path.stem.rsplit("-", 1)[1]
+    base = parse_config(["--config", str(path.with_name(path.stem.rsplit("-", 1)[0] + ".yaml"))])
+    # Everything but the loss and its learning rate is the setup's recipe.
+    differs = {name for name, value in vars(config).items() if vars(base)[name] != value}
+    assert differs <= {"loss_type", "beta", "learning_rate", "output_dir", "gamma_beta_ratio", "slic_delta",
+                       "nll_weight", "desirable_weight", "undesirable_weight"}, differs
