@@ -323,8 +323,9 @@ def linear_preference_loss(
     impl="auto",
     cu_seqlens=None,
     token_index=None,
+    **loss_params,
 ):
-    """AMaPO (or an ablation, SimPO, DPO) loss straight from the last hidden states.
+    """AMaPO (or an ablation, SimPO, DPO, SLiC, IPO, CPO, ORPO, KTO) loss straight from the last hidden states.
 
     hidden [2B, T, D]: rows 0..B-1 chosen, rows B..2B-1 rejected, same pair order; labels [2B, T] already
     shifted (labels[:, t] is predicted from hidden[:, t]), ignore_index on prompt and padding. Packed
@@ -335,6 +336,8 @@ def linear_preference_loss(
     Returns (loss, metrics): the mean loss over this rank's pairs and a dict of detached 0-dim fp32
     metrics over this rank's pairs and response tokens, keyed by METRIC_KEYS (the keys TRL and the
     AMaPO authors log). README.md states the loss exactly.
+    loss_params: the loss type's own keywords (slic_delta, nll_weight, desirable_weight, undesirable_weight,
+    kto_kl; amapo_fast/losses declares them with their defaults); None means the default.
     """
     bad = None
     if token_index is None:
@@ -344,7 +347,7 @@ def linear_preference_loss(
         rows = _validate_token_index(hidden, weight, bias, labels, cu_seqlens, token_index)
     _check_pair_rows(rows)
     validate_objective_args(
-        beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device, gamma_beta_ratio
+        beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device, gamma_beta_ratio, **loss_params
     )
     objective_kwargs = dict(
         beta=beta,
@@ -353,6 +356,7 @@ def linear_preference_loss(
         gamma_beta_ratio=gamma_beta_ratio,
         ref_logps=ref_logps,
         stats_scope=stats_scope,
+        **loss_params,
     )
     impl = _resolve_impl(impl, hidden.device)
     # Host syncs of a call: the response tokens' positions (a data-dependent shape), the label and row
@@ -421,9 +425,12 @@ class LinearPreferenceHead(nn.Module):
         self.bias = bias
         self.loss_kwargs = loss_kwargs
 
-    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False, token_index=None):
+    def forward(
+        self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False, token_index=None, kto_kl=None
+    ):
         """(loss, metrics); or, with sequence_logps=True, per-row (summed log-probs, token counts) without
         grad for evaluation. Both go through forward so that ZeRO-3 gathers the weight for either.
+        `kto_kl`: KTO's KL estimate for this batch (a per-batch input, unlike the loss keywords given at init).
         `token_index`: an explicit token list in place of labels (see linear_preference_loss)."""
         if sequence_logps:
             return _sequence_logps(
@@ -438,5 +445,5 @@ class LinearPreferenceHead(nn.Module):
             )
         return linear_preference_loss(
             hidden, self.weight, labels, bias=self.bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens,
-            token_index=token_index, **self.loss_kwargs
+            token_index=token_index, **self.loss_kwargs, **({} if kto_kl is None else {"kto_kl": kto_kl})
         )

@@ -71,6 +71,9 @@ from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  #
 from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
 from amapo_fast.guard import LOCK_FILE, NonFiniteSteps, OutputDirLock, StopSignals, strict_json  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
+from amapo_fast.config import CONFIG_LOSS_PARAMS  # noqa: E402
+from amapo_fast.losses import LOSSES  # noqa: E402
+from amapo_fast.losses.kto import KL_PREFIX, KLCompletions  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
 from amapo_fast.sft import CHAT_TEMPLATES, SftStage  # noqa: E402
 
@@ -344,9 +347,14 @@ def evaluate_held_out(model, ref_model, dataset, collator, config: TrainConfig) 
     elif REF_COLUMNS[0] in dataset.column_names:
         # list(): datasets 4+ returns a column as a lazy Column, which does not concatenate with +.
         ref_logps = torch.tensor(list(dataset[REF_COLUMNS[0]]) + list(dataset[REF_COLUMNS[1]]), dtype=torch.float64)
+    if not LOSSES[config.loss_type].needs_reference:
+        ref_logps = None
+    # KTO's KL estimate is a training-batch quantity: the held-out loss is reported with KL = 0.
+    kl = {"kto_kl": 0.0} if LOSSES[config.loss_type].needs_kl else {}
     loss, metrics = preference_objective(
         sums, lengths, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
         gamma_beta_ratio=config.gamma_beta_ratio, ref_logps=ref_logps, stats_scope="local",
+        **{name: getattr(config, name) for name in CONFIG_LOSS_PARAMS}, **kl,
     )
     results = {"eval/ranking_accuracy": ranking_summary(scores, config.beta)["ranking_accuracy"], "eval/loss": float(loss)}
     results.update({f"eval/{key}": float(value) for key, value in metrics.items()})
@@ -377,11 +385,14 @@ class PreferenceStage:
         return dict(
             beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
             gamma_beta_ratio=config.gamma_beta_ratio, stats_scope=config.stats_scope, impl=config.loss_impl,
+            **{name: getattr(config, name) for name in CONFIG_LOSS_PARAMS},
         )
 
     def needs_reference_model(self, config, train_set) -> bool:
-        """DPO without precomputed reference log-probs scores with a frozen reference model."""
-        return config.loss_type == "dpo" and REF_COLUMNS[0] not in train_set.column_names
+        """A loss with a reference (DPO, IPO, KTO) scores with a reference model unless the data holds its
+        log-probs precomputed; KTO always, for its mismatched completions."""
+        loss = LOSSES[config.loss_type]
+        return loss.needs_reference and (loss.needs_kl or REF_COLUMNS[0] not in train_set.column_names)
 
     def describe_loss(self, config, impl: str) -> str:
         return f"{config.loss_type}, beta {config.beta:g}, implementation {impl}"
@@ -599,7 +610,10 @@ class Trainer:
             batch = next(stream)
             tokens = count_tokens(batch)
             batch = to_device(batch, self.env.device)
-            if self.ref_model is not None:
+            kl_batch = {key[len(KL_PREFIX):]: batch.pop(key) for key in list(batch) if key.startswith(KL_PREFIX)}
+            if kl_batch:  # KTO's mismatched completions (see KLCompletions)
+                batch["kto_kl"] = self.kl_estimate(kl_batch)
+            if self.ref_model is not None and "ref_logps" not in batch:
                 with torch.no_grad():
                     batch["ref_logps"], _ = self.ref_model(batch, sequence_logps=True)
             loss, metrics = self.model(batch)
@@ -608,6 +622,16 @@ class Trainer:
         grad_norm = self.engine.step()
         window.add_time(time.perf_counter() - started)
         return grad_norm, lr
+
+    @torch.no_grad()
+    def kl_estimate(self, kl_batch: dict) -> torch.Tensor:
+        """KTO's KL term: max(0, mean over every rank's mismatched completions of policy minus reference summed
+        log-prob), detached."""
+        policy, _ = self.model(kl_batch, sequence_logps=True)
+        reference, _ = self.ref_model(kl_batch, sequence_logps=True)
+        gap = policy.double() - reference.double()
+        totals = all_reduce_sum(torch.stack([gap.sum(), gap.new_tensor(gap.numel())]))
+        return (totals[0] / totals[1]).clamp(min=0)
 
     def fit(self, stop: StopSignals | None = None) -> dict:
         """Train to the last step; with `stop`, a stop signal ends the run after the step in progress, with a
@@ -625,8 +649,11 @@ class Trainer:
             self.loggers.log(0, before)
             results[f"{headline}_before"] = before[headline_key]
 
+        collator = self.collator
+        if self.stage.name == "preference" and LOSSES[config.loss_type].needs_kl:
+            collator = KLCompletions(collator, config.max_length)  # KTO: training batches carry mismatched completions
         batches = MicroBatches(
-            self.train_set, self.collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
+            self.train_set, collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
             config.seed, self.micro_per_epoch,
         )
         stream = batches.iterate(start_position)
