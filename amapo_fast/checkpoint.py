@@ -384,8 +384,10 @@ def _readable_like_new_files(directory: str):
             os.chmod(path, 0o666 & ~umask)
 
 
-def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int):
-    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads.
+def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int, base_model: str = "",
+                    merge_adapters: bool = False):
+    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads; for a policy
+    with adapters a peft adapter folder on `base_model`, or with `merge_adapters` the merged model's folder.
 
     Written beside `directory` and renamed into place once complete, so a run killed while saving leaves
     no folder that looks finished (an older `directory` stays until the new one replaces it)."""
@@ -399,7 +401,12 @@ def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtyp
         causal_lm = policy.causal_lm
         causal_lm.config.dtype = dtype
         shutil.rmtree(partial, ignore_errors=True)
-        causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
+        if policy.peft_model is not None:
+            from .adapters import write_adapter_folder
+
+            write_adapter_folder(policy.peft_model, weights, partial, base_model, merge=merge_adapters)
+        else:
+            causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         _readable_like_new_files(partial)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from amapo_fast import preference_objective
 from amapo_fast.errors import NonFiniteError
 from amapo_fast.guard import NonFiniteSteps
-from amapo_fast.objective import adaptive_margin
+from amapo_fast.losses.amapo import adaptive_margin
 
 BETA = 2.0
 INFINITIES = [float("inf"), float("-inf")]
