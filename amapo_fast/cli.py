@@ -205,12 +205,14 @@ def check_model_folder(path: str, flag: str):
     if "config.json" in names:
         _check_weights(path, names, flag)
         return
+    if "adapter_config.json" in names:  # a peft adapter folder: its config names the base model
+        return
     if names & {"trainer_state.json", "dcp", "manifest.json"} or re.fullmatch(r"checkpoint-\d+(\.tmp)?", os.path.basename(os.path.normpath(path))):
         raise UserError(
             f"{flag} {path}: a training checkpoint (sharded training state), not a model folder: pass the run's "
             f"final/ folder, or {EXPORT_HINT.replace('one', 'this checkpoint')}"
         )
-    if os.path.isfile(os.path.join(path, "final", "config.json")):
+    if any(os.path.isfile(os.path.join(path, "final", name)) for name in ("config.json", "adapter_config.json")):
         raise UserError(f"{flag} {path}: a training run's output folder; its trained model is {os.path.join(path, 'final')}")
     if "log.jsonl" in names or any(re.fullmatch(r"checkpoint-\d+", name) for name in names):
         raise UserError(
