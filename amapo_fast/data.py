@@ -381,7 +381,8 @@ def _check_columns(dataset):
     missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"preference dataset is missing column(s) {missing}; it has {dataset.column_names}. Expected "
+            f"preference dataset is missing column(s) {missing}; it has "
+            f"{[column for column in dataset.column_names if column != SOURCE_ROW]}. Expected "
             "'chosen' and 'rejected' (message lists or strings), plus 'prompt' unless chosen/rejected include "
             "the user turn"
         )
