@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from . import chunked
+from . import chunked, frozen_head
 from .objective import METRIC_KEYS, preference_objective, token_metrics, validate_objective_args
 from .reference import reference_preference_loss, reference_sequence_logps
 
@@ -118,7 +118,12 @@ class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend):
         response_hidden = tokens.gather(hidden)
-        pass1 = backend.token_logprobs(response_hidden, weight, bias, tokens.targets)
+        # A frozen head (no gradient for weight or bias): pass 1 also forms dH's basis and pass 2 is skipped.
+        ctx.frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        if ctx.frozen:
+            pass1, basis = frozen_head.token_logprobs_and_basis(response_hidden, weight, bias, tokens.targets)
+        else:
+            pass1, basis = backend.token_logprobs(response_hidden, weight, bias, tokens.targets), None
 
         with torch.enable_grad():
             sums = tokens.sequence_sums(pass1.logp).detach().requires_grad_(True)
@@ -135,7 +140,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         loss, coef = loss + poison, coef + poison
         metrics = {key: value + poison for key, value in metrics.items()}
 
-        ctx.save_for_backward(response_hidden, weight, bias, pass1.lse, coef)
+        ctx.save_for_backward(response_hidden, weight, bias, pass1.lse, coef, basis)
         ctx.tokens, ctx.backend, ctx.hidden_shape = tokens, backend, hidden.shape
         metric_values = torch.stack([metrics[key] for key in METRIC_KEYS])
         ctx.mark_non_differentiable(metric_values)
@@ -148,11 +153,14 @@ class _FusedPreferenceLoss(torch.autograd.Function):
                 "linear_preference_loss: second-order gradients (create_graph=True) are not supported by the fused "
                 "implementations; use impl='reference' for double backward"
             )
-        response_hidden, weight, bias, lse, coef = ctx.saved_tensors
+        response_hidden, weight, bias, lse, coef, basis = ctx.saved_tensors
         tokens = ctx.tokens
-        d_response, d_weight, d_bias = ctx.backend.token_grads(
-            response_hidden, weight, bias, tokens.targets, lse, coef * grad_loss.to(coef.dtype)
-        )
+        coef = coef * grad_loss.to(coef.dtype)
+        if ctx.frozen:
+            d_response = frozen_head.hidden_grad(weight, tokens.targets, basis, coef, response_hidden.dtype)
+            d_weight = d_bias = None
+        else:
+            d_response, d_weight, d_bias = ctx.backend.token_grads(response_hidden, weight, bias, tokens.targets, lse, coef)
         d_hidden = None
         if ctx.needs_input_grad[0]:
             d_hidden = d_response.new_zeros(tokens.num_positions, d_response.shape[1])
@@ -241,6 +249,13 @@ def _raise_bad_label(labels, bad, vocab, ignore_index):
     raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
 
 
+def check_labels(labels, vocab, ignore_index):
+    """Every label is ignore_index or a vocabulary id, else an error naming the first bad value (one host sync)."""
+    bad = _bad_labels(labels, vocab, ignore_index)
+    if bool(bad.any()):
+        _raise_bad_label(labels, bad, vocab, ignore_index)
+
+
 def _check_pair_rows(rows):
     if rows % 2 or rows == 0:
         raise ValueError(
@@ -308,8 +323,9 @@ def linear_preference_loss(
     impl="auto",
     cu_seqlens=None,
     token_index=None,
+    **loss_params,
 ):
-    """AMaPO (or an ablation, SimPO, DPO) loss straight from the last hidden states.
+    """AMaPO (or an ablation, SimPO, DPO, SLiC, IPO, CPO, ORPO, KTO) loss straight from the last hidden states.
 
     hidden [2B, T, D]: rows 0..B-1 chosen, rows B..2B-1 rejected, same pair order; labels [2B, T] already
     shifted (labels[:, t] is predicted from hidden[:, t]), ignore_index on prompt and padding. Packed
@@ -320,6 +336,8 @@ def linear_preference_loss(
     Returns (loss, metrics): the mean loss over this rank's pairs and a dict of detached 0-dim fp32
     metrics over this rank's pairs and response tokens, keyed by METRIC_KEYS (the keys TRL and the
     AMaPO authors log). README.md states the loss exactly.
+    loss_params: the loss type's own keywords (slic_delta, nll_weight, desirable_weight, undesirable_weight,
+    kto_kl; amapo_fast/losses declares them with their defaults); None means the default.
     """
     bad = None
     if token_index is None:
@@ -329,7 +347,7 @@ def linear_preference_loss(
         rows = _validate_token_index(hidden, weight, bias, labels, cu_seqlens, token_index)
     _check_pair_rows(rows)
     validate_objective_args(
-        beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device, gamma_beta_ratio
+        beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device, gamma_beta_ratio, **loss_params
     )
     objective_kwargs = dict(
         beta=beta,
@@ -338,6 +356,7 @@ def linear_preference_loss(
         gamma_beta_ratio=gamma_beta_ratio,
         ref_logps=ref_logps,
         stats_scope=stats_scope,
+        **loss_params,
     )
     impl = _resolve_impl(impl, hidden.device)
     # Host syncs of a call: the response tokens' positions (a data-dependent shape), the label and row
@@ -406,9 +425,12 @@ class LinearPreferenceHead(nn.Module):
         self.bias = bias
         self.loss_kwargs = loss_kwargs
 
-    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False, token_index=None):
+    def forward(
+        self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False, token_index=None, kto_kl=None
+    ):
         """(loss, metrics); or, with sequence_logps=True, per-row (summed log-probs, token counts) without
         grad for evaluation. Both go through forward so that ZeRO-3 gathers the weight for either.
+        `kto_kl`: KTO's KL estimate for this batch (a per-batch input, unlike the loss keywords given at init).
         `token_index`: an explicit token list in place of labels (see linear_preference_loss)."""
         if sequence_logps:
             return _sequence_logps(
@@ -423,5 +445,5 @@ class LinearPreferenceHead(nn.Module):
             )
         return linear_preference_loss(
             hidden, self.weight, labels, bias=self.bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens,
-            token_index=token_index, **self.loss_kwargs
+            token_index=token_index, **self.loss_kwargs, **({} if kto_kl is None else {"kto_kl": kto_kl})
         )
