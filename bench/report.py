@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from amapo_fast import vocab_chunks
 from bench.paths import PATHS
 from bench.workloads import Shape
 
@@ -53,6 +54,8 @@ def environment(device: torch.device, dtype: str, argv) -> dict:
         "versions": versions,
         "git_commit": commit,
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        # How pass 2 adds 16-bit GEMMs into fp32 on this device (the workers run the same torch).
+        "accumulate_way": vocab_chunks.accumulate_way(device),
         **machine_load(),
     }
 

@@ -3,14 +3,14 @@
 Both kernels form [BLOCK_N, BLOCK_V] logit tiles as a loop of [BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_V]
 dots, so their configs share one shape and one shared-memory estimate:
   - BLOCK_N (token rows per tile) is chosen by the launcher from the number of response tokens and the
-    dtype, not by the autotuner, so the launcher knows the number of token blocks before launch and can
+    dtype, not by the tuner, so the launcher knows the number of token blocks before launch and can
     size the forward's vocabulary splits to fill whole waves of the GPU;
   - BLOCK_V, BLOCK_D, GROUP_N, warps and stages are tuned once per tuning key (`tuning.py`): the head's
     or the scratch's shape, the dtype, the launch's constexprs and a power-of-two bucket of the token
     count (small and large batches want different tiles, while the exact count changes every step and
     must not trigger a new tuning run);
   - configs whose pipelined operand buffers exceed the device's shared memory per block are pruned
-    before autotuning, so a config that cannot launch is never tried.
+    before tuning, so a config that cannot launch is never tried.
 Nothing here resets or restores kernel arguments between benchmark runs: both kernels only write
 outputs (no accumulation), so running a config twice is harmless and no hook touches an absent (None)
 argument such as the bias of a bias-free head.
@@ -36,7 +36,7 @@ def _configs(shapes):
 
 
 if INTERPRET:
-    # One small config (the autotuner then skips benchmarking): several tiles along every axis at test
+    # One small config (the tuner then benchmarks nothing): several tiles along every axis at test
     # sizes, so the masks, the vocabulary splits and the grouped order are exercised, and few tile-dots.
     FORWARD_CONFIGS = BACKWARD_CONFIGS = _configs([(128, 32, 2, 1, 1)])
     TOKEN_BLOCKS = {torch.float32: (16, 16), torch.bfloat16: (16, 16), torch.float16: (16, 16)}
@@ -132,7 +132,7 @@ class AotTarget(NamedTuple):
     signature: dict  # argument name -> Triton type string ("*bf16", "i32", "fp32", "constexpr")
     constexprs: dict  # non-config constexprs, as a GPU launch sets them
     divisible: tuple  # arguments the JIT specialises as divisible by 16 at real launches
-    configs: list  # every config the launcher and autotuner can pick, BLOCK_N included
+    configs: list  # every config the launcher and tuner can pick, BLOCK_N included
     max_tile: int | None  # the kernel's logit-tile limit in prune_configs
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from amapo_fast import vocab_chunks
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -38,6 +40,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path):
     assert "Triton kernels are timed on CUDA only" in result["skipped_paths"]["triton"]
     env = result["environment"]
     assert env["versions"]["torch"] == torch.__version__ and "--quick" in env["command"]
+    assert env["accumulate_way"] == vocab_chunks.accumulate_way("cpu")  # how pass 2 adds 16-bit GEMMs into fp32
 
     # Same inputs for every path: our chunked AMaPO and the reference's agree on the loss value.
     by_path = {c["path"]: c for c in cases}

@@ -116,6 +116,25 @@ def test_chunk_width_depends_on_the_bucket_not_the_count():
             assert len(widths) == 1, (element_size, bucket, widths)
 
 
+@pytest.mark.parametrize("vocab", [32000, 128256, 256000])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_scratch_is_bounded_by_a_fraction_of_the_logits_and_by_bytes(vocab, element_size):
+    """Below the 2,048-column floor neither bound applies; above it, both do (with the token bucket, at
+    most twice the count, standing in for the count)."""
+    floor = vocab_chunks.MIN_CHUNK_COLUMNS
+    for num_tokens in (1, 100, 3072, 4097, 16384, 65536):
+        columns = vocab_chunks.chunk_columns(num_tokens, vocab, element_size)
+        assert columns % vocab_chunks.CHUNK_ALIGN == 0 or columns == vocab
+        assert min(floor, vocab) <= columns <= vocab
+        scratch = num_tokens * columns * element_size
+        if columns > floor:
+            assert scratch <= vocab_chunks.SCRATCH_FRACTION * num_tokens * vocab * 4
+            assert scratch <= vocab_chunks.SCRATCH_BYTES
+    # Llama-3-8B's head in bf16: 15,872 columns up to 8k tokens, then the byte budget takes over.
+    assert vocab_chunks.chunk_columns(4096, 128256, 2) == 15872
+    assert vocab_chunks.chunk_columns(16384, 128256, 2) == 8192
+
+
 def test_a_restart_and_other_processes_reuse_the_disk_cache(launches, monkeypatch):
     counts = response_token_counts(40, seed=1)
     simulate(launches, counts)
