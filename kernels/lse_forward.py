@@ -26,6 +26,7 @@ from .autotune import (
 )
 from .inputs import check_inputs, dot_precision
 from .tiles import INTERPRET, grouped_program, logit_tile
+from .tuning import autotune
 
 MIN_WAVES = 2  # programs for at least this many waves, so every multiprocessor gets work
 MAX_EXTRA_SPLITS = 64  # how far above the minimum the search for full waves may go
@@ -33,11 +34,7 @@ GOOD_WAVE_FILL = 0.95  # the last wave at least this full (on average over waves
 PARTIALS = 5  # running max, sum of exp(logit - max), target logit, sum of logits, sum of exp(logit - max) * logit
 
 
-@triton.autotune(
-    configs=FORWARD_CONFIGS,
-    key=["n_bucket", "V", "D"],
-    prune_configs_by={"early_config_prune": functools.partial(prune_for_device, max_tile=FORWARD_MAX_TILE)},
-)
+@autotune("lse_forward", FORWARD_CONFIGS, ["n_bucket", "V", "D"], functools.partial(prune_for_device, max_tile=FORWARD_MAX_TILE))
 @triton.jit
 def _lse_partials_kernel(
     hidden_ptr,  # [N, D]
@@ -48,7 +45,7 @@ def _lse_partials_kernel(
     N,
     V,
     D,
-    n_bucket,  # autotuning key only
+    n_bucket,  # tuning key only
     num_splits,
     HAS_BIAS: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,

@@ -35,6 +35,8 @@ FUSED = ("tests/test_chunked.py", "tests/test_loss.py")
 DATA = ("tests/test_data.py",)
 EVALUATION = ("tests/test_evaluate.py", "-k", "not trained_model and not gathers_every_rank")
 RESUME = ("tests/test_resume_rng.py",)
+# Boundary cases: a pair exactly at the group mean, infinite (not only NaN) losses and norms, accumulation.
+BOUNDARIES = ("tests/test_boundaries.py",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +72,9 @@ BUGS = [
         "margin applied where delta >= mu instead of delta < mu", OBJECTIVE),
     Bug("margin-not-detached", AMAPO, "    delta = delta.detach()\n    mu = group.mean()", "    mu = group.mean()",
         "margin not detached: gradient flows through it", OBJECTIVE),
-    Bug("degenerate-inf-sd", AMAPO, "if not bool(torch.isfinite(sd)) or float(sd) == 0.0:", "if float(sd) == 0.0:",
+    Bug("degenerate-inf-sd", AMAPO, "if not bool(torch.isfinite(sd) & (sd != 0)):", "if not bool(sd != 0):",
         "degenerate rule without the non-finite sd case", OBJECTIVE),
-    Bug("degenerate-zero-sd", AMAPO, "if not bool(torch.isfinite(sd)) or float(sd) == 0.0:",
+    Bug("degenerate-zero-sd", AMAPO, "if not bool(torch.isfinite(sd) & (sd != 0)):",
         "if not bool(torch.isfinite(sd)):", "degenerate rule without the sd == 0 case", OBJECTIVE),
     Bug("label-smoothing-sign", LOSS_BASE, "- label_smoothing * F.logsigmoid(-z)", "+ label_smoothing * F.logsigmoid(-z)",
         "label-smoothing term added with the wrong sign", OBJECTIVE),
@@ -136,8 +138,8 @@ BUGS = [
         "return prompt_ids[:1] + prompt_ids[len(prompt_ids) - self.max_prompt_length + 1 :]",
         "return prompt_ids[: self.max_prompt_length]", "prompt with BOS (chat template) truncated from the right",
         DATA),
-    Bug("response-cut-from-left", "amapo_fast/data.py", "chosen_ids = tokenizer(chosen_text, add_special_tokens=False).input_ids[:room]",
-        "chosen_ids = tokenizer(chosen_text, add_special_tokens=False).input_ids[-room:]",
+    Bug("response-cut-from-left", "amapo_fast/data.py", "chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]",
+        "chosen_ids, rejected_ids = chosen_ids[-room:], rejected_ids[:room]",
         "chosen response truncated from the left", DATA),
     Bug("labels-not-shifted", "amapo_fast/data.py", "sequences.append((tokens[:-1], labels[1:]))",
         "sequences.append((tokens[:-1], labels[:-1]))", "collator labels not shifted by one", DATA),
@@ -148,6 +150,18 @@ BUGS = [
         "ranking accuracy on summed instead of average log-probs", EVALUATION),
     Bug("rng-not-restored", "amapo_fast/checkpoint.py", "set_rng_state(torch.load(rng_file, weights_only=False))",
         "torch.load(rng_file, weights_only=False)", "resume does not restore the RNG state", RESUME),
+    Bug("margin-at-mean-too", AMAPO, "torch.where(delta < mu, margin", "torch.where(delta <= mu, margin",
+        "AMaPO margin also given to a pair exactly at the group mean", BOUNDARIES + OBJECTIVE),
+    Bug("inf-grad-norm-finite", "amapo_fast/guard.py", "if math.isfinite(grad_norm):",
+        "if not math.isnan(grad_norm):", "non-finite guard treats an infinite gradient norm as finite", BOUNDARIES),
+    Bug("inf-loss-finite", "amapo_fast/guard.py", "finite = torch.isfinite(loss.detach())",
+        "finite = ~torch.isnan(loss.detach())", "non-finite guard lets an infinite loss through", BOUNDARIES),
+    Bug("fsdp2-applies-inf-step", "amapo_fast/distributed.py", "if math.isfinite(norm):  # as DeepSpeed does",
+        "if not math.isnan(norm):  # as DeepSpeed does", "FSDP2 applies a step whose gradient norm is infinite",
+        BOUNDARIES),
+    Bug("fsdp2-accumulation-undivided", "amapo_fast/distributed.py",
+        "(loss / self.optim.gradient_accumulation_steps).backward()", "loss.backward()",
+        "FSDP2 gradient accumulation does not divide the loss by the accumulation steps", BOUNDARIES),
     Bug("dataloader-draws-global-rng", "amapo_fast/batches.py", "                generator=torch.Generator(),\n", "",
         "training DataLoader draws its seed from the global RNG (shifts dropout after a resume)", RESUME),
 ]

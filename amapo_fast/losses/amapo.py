@@ -20,7 +20,7 @@ def adaptive_margin(delta: torch.Tensor, group: torch.Tensor, beta: float, loss_
     if group.numel() < 2:
         return torch.zeros_like(delta), mu
     sd = group.std(unbiased=True)
-    if not bool(torch.isfinite(sd)) or float(sd) == 0.0:
+    if not bool(torch.isfinite(sd) & (sd != 0)):  # one host sync: the branch depends on the data
         # Degenerate group: our documented rule is no margin at all (the authors' code has no guard).
         return torch.zeros_like(delta), mu
     gap = mu - delta  # > 0 exactly for the pairs ranked below the batch mean
