@@ -159,3 +159,22 @@ def test_baseline_recipes_parse(path):
     differs = {name for name, value in vars(config).items() if vars(base)[name] != value}
     assert differs <= {"loss_type", "beta", "learning_rate", "output_dir", "gamma_beta_ratio", "slic_delta",
                        "nll_weight", "desirable_weight", "undesirable_weight"}, differs
+
+
+def test_evaluation_report_has_amapo_dynamics():
+    """`ranking_summary` (the evaluation report) carries the Table 1 figures of AMaPO's split over the whole set."""
+    from amapo_fast import preference_objective
+    from amapo_fast.evaluate import PairScores, markdown_table, ranking_summary
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 9, (2, 40), generator=generator)
+    sums = -torch.rand(2, 40, generator=generator, dtype=torch.float64) * 3 * tokens
+    scores = PairScores(sums[0], sums[1], tokens[0], tokens[1])
+    summary = ranking_summary(scores, beta=2.0)
+    _, metrics = preference_objective(sums.flatten(), tokens.flatten(), beta=2.0, loss_type="amapo", stats_scope="local")
+    figures = summary["amapo_dynamics"]
+    assert figures == {key.split("/", 1)[1]: pytest.approx(float(value)) for key, value in metrics.items()
+                       if key.startswith("dynamics/")}
+    assert sum(figures[f"case{k}"] for k in range(1, 5)) == pytest.approx(1.0)
+    assert figures["case1"] + figures["case2"] == pytest.approx(summary["ranking_accuracy"])
+    assert "AMaPO misranked gradient share %" in markdown_table({"model": {"overall": summary}})
