@@ -215,14 +215,19 @@ def main(argv=None):
         "timing": f"median of {reps} runs after one warm-up run (CUDA events on GPU)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"header": header, "shapes": [], "profiler": "", "nvidia_smi": ""}
+    result = {"header": header, "shapes": [], "profiler": "(not reached)", "nvidia_smi": "(not reached)"}
+
+    def write():  # after every part: a run cut by its time limit keeps what it measured
+        (args.out / "kernel-profile.json").write_text(json.dumps(result, indent=1))
+        (args.out / "kernel-profile.md").write_text(render(result))
+
     for num_tokens in token_counts:
         result["shapes"].append(profile_shape(num_tokens, head["dim"], head["vocab"], device, dtype, reps))
         print(json.dumps(result["shapes"][-1]["rows"], indent=1), flush=True)
-    result["profiler"] = profiler_table(token_counts[0], head["dim"], head["vocab"], device, dtype)
+        write()
     result["nvidia_smi"] = nvidia_smi()
-    (args.out / "kernel-profile.json").write_text(json.dumps(result, indent=1))
-    (args.out / "kernel-profile.md").write_text(render(result))
+    result["profiler"] = profiler_table(token_counts[0], head["dim"], head["vocab"], device, dtype)
+    write()
     print(f"wrote {args.out / 'kernel-profile'}.json and .md")
 
 

@@ -1,7 +1,7 @@
 """`python bench/trainer_check.py --out DIR`: the trainer itself, end to end, on one GPU.
 
 `torchrun --nproc_per_node 1 amapo_fast/train.py` with FSDP2 (NCCL on CUDA), bf16 mixed precision, the
-fused Triton head, packed and prefix-shared batches, on a random ~1.2B Llama-3.2-1B-shaped model built
+fused Triton head, packed and prefix-shared batches (sdpa with a mask), on a random ~1.2B Llama-3.2-1B-shaped model built
 here and saved as a local folder (vocabulary 128,256, so the head has the Llama-3 shape; the embedded
 character-level tokenizer uses only its first ids). Run 1 trains STEPS steps and saves a checkpoint
 halfway; run 2 resumes from that checkpoint into a fresh folder. Writes <out>/trainer.json: tokens/s
@@ -32,7 +32,7 @@ def build_model(folder: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B, torch_dtype="bfloat16")).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16)
     model.save_pretrained(folder)
     return str(folder)
 
@@ -80,7 +80,9 @@ def main(argv=None):
         "--save_final", "false", "--warmup_ratio", "0", "--learning_rate", "1e-5", "--seed", "0", "--backend", "fsdp2",
     ]
     if not args.rehearse:
-        common += ["--loss_impl", "triton", "--precision", "bf16"]
+        # sdpa with prefix sharing's mask: FlexAttention's compile alone would take most of the stage's minute
+        # and a half (it is the trainer's GPU default; bench/train_step.py measures it).
+        common += ["--loss_impl", "triton", "--precision", "bf16", "--attn_implementation", "sdpa"]
     first, second = args.out / "trainer-run", args.out / "trainer-resumed"
     code, seconds = train(common + ["--output_dir", str(first)], args.out / "trainer-run.log", args.timeout_s)
     result["run"] = {"exit_code": code, "seconds": round(seconds, 1), **summary(first)}
