@@ -15,6 +15,7 @@ Nothing here resets or restores kernel arguments between benchmark runs: both ke
 outputs (no accumulation), so running a config twice is harmless and no hook touches an absent (None)
 argument such as the bias of a bias-free head.
 """
+import os
 from typing import NamedTuple
 
 import torch
@@ -24,6 +25,8 @@ from ..vocab_chunks import token_bucket
 from .inputs import dot_precision
 from .tiles import INTERPRET
 
+# Set to 1, every kernel launches with one fixed config: no autotuning at all.
+PIN_CONFIG_VARIABLE = "AMAPO_PIN_KERNEL_CONFIG"
 # Shared memory per block (opt-in maximum) of the GPUs the kernels are checked for ahead of time.
 SHARED_LIMIT = {"sm_80": 166_912, "sm_90": 232_448}
 
@@ -42,17 +45,16 @@ if INTERPRET:
     TOKEN_BLOCKS = {torch.float32: (16, 16), torch.bfloat16: (16, 16), torch.float16: (16, 16)}
 else:
     # (BLOCK_V, BLOCK_D, GROUP_N, warps, stages): tensor-core matmul shapes. Left out because they spill
-    # registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (found by compiling ahead of time): 256-wide
-    # vocabulary tiles, and in the forward, whose online-softmax epilogue holds more state, 4-warp
-    # programs, 4 stages of 64-deep D chunks and 64 x 128 weight tiles; 128 x 128 logit tiles are pruned
-    # for the forward by FORWARD_MAX_TILE.
+    # registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (found by compiling ahead of time): in the
+    # backward 256-wide vocabulary tiles; in the forward's metrics variant logit tiles above
+    # FORWARD_METRICS_MAX_TILE (pruned for it). The forward's lean epilogue (max and sum of exp only) lets
+    # 128 x 256 tiles run without spills: wide tiles need fewer operand bytes per FLOP from L2.
     FORWARD_CONFIGS = _configs(
         [
+            (256, 64, 8, 8, 3),
             (128, 64, 8, 8, 3),
+            (128, 64, 8, 8, 4),
             (128, 128, 8, 8, 3),
-            (128, 32, 8, 8, 4),
-            (64, 64, 8, 8, 3),
-            (64, 32, 8, 8, 4),
         ]
     )
     BACKWARD_CONFIGS = _configs(
@@ -65,11 +67,17 @@ else:
     )
     # BLOCK_N candidates per dtype: (small batches, large batches); see token_block_size.
     TOKEN_BLOCKS = {torch.float32: (32, 64), torch.bfloat16: (64, 128), torch.float16: (64, 128)}
+    if os.environ.get(PIN_CONFIG_VARIABLE) == "1":
+        # One config for both kernels, so nothing is benchmarked (a GPU test run that must not spend its
+        # time tuning); it fits sm_80 and sm_90 and both forward variants' tile limits.
+        FORWARD_CONFIGS = BACKWARD_CONFIGS = _configs([(128, 64, 8, 8, 3)])
 
-# The forward's online-softmax epilogue keeps several [BLOCK_N, BLOCK_V] fp32 tiles live besides the dot
-# accumulator: beyond this many elements per program it spills registers on sm_90 (128 x 128 does, found
-# by compiling ahead of time), so larger tiles are pruned for it.
-FORWARD_MAX_TILE = 64 * 128
+# Logit-tile limits (elements per program) of the forward: the lean variant keeps two fp32 numbers per
+# token besides the dot accumulator; the metrics variant (entropy, target-is-argmax) keeps two more and
+# picks the target column out of every tile, and spills on sm_90 beyond 128 x 128 (found by compiling
+# ahead of time), so its larger tiles are pruned.
+FORWARD_MAX_TILE = 128 * 256
+FORWARD_METRICS_MAX_TILE = 128 * 128
 
 SMALL_BATCH_TOKENS = 2048  # up to this bucket the smaller BLOCK_N: less padding waste, more programs
 
@@ -149,7 +157,7 @@ POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32:
 INPUT_DTYPE_POINTERS = ("hidden_ptr", "weight_ptr", "dlogits_ptr")  # in the inputs' dtype; other pointers fp32
 
 
-def aot_target(kernel: str, autotuned, dtype: torch.dtype, max_tile: int | None = None) -> AotTarget:
+def aot_target(kernel: str, autotuned, dtype: torch.dtype, max_tile: int | None = None, **extra) -> AotTarget:
     """A log-prob kernel typed as a real launch types it: hidden, weight and the dlogits scratch in dtype,
     targets int64, other pointers fp32, integer arguments int32 (offsets that fit), no bias; every pointer
     and integer except the token and vocabulary counts specialised as divisible by 16 (aligned tensors,
@@ -171,18 +179,20 @@ def aot_target(kernel: str, autotuned, dtype: torch.dtype, max_tile: int | None 
                 divisible.append(name)
     constexprs = {
         "bias_ptr": None, "HAS_BIAS": False, "INT64_OFFSETS": False, "INTERPRET": False,
-        "DOT_PRECISION": dot_precision(dtype),
+        "DOT_PRECISION": dot_precision(dtype), **extra,
     }  # fmt: skip
     configs = launch_configs(autotuned.configs, dtype)
     return AotTarget(kernel, fn, signature, constexprs, tuple(divisible), configs, max_tile)
 
 
 def aot_targets(dtype: torch.dtype, dim: int) -> list:
-    """Both kernels, typed as a real launch at hidden size dim would type them (no bias, int32 offsets)."""
+    """Both kernels, the forward in its lean and its metrics variant, typed as a real launch at hidden size
+    dim would type them (no bias, int32 offsets)."""
     from .dlogits_backward import _dlogits_kernel
     from .lse_forward import _lse_partials_kernel
 
     return [
-        aot_target("lse_forward", _lse_partials_kernel, dtype, FORWARD_MAX_TILE),
+        aot_target("lse_forward", _lse_partials_kernel, dtype, FORWARD_MAX_TILE, TOKEN_METRICS=False),
+        aot_target("lse_forward_metrics", _lse_partials_kernel, dtype, FORWARD_METRICS_MAX_TILE, TOKEN_METRICS=True),
         aot_target("dlogits_backward", _dlogits_kernel, dtype),
     ]
