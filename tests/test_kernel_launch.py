@@ -239,6 +239,7 @@ def test_host_syncs_of_the_loss_hot_path(monkeypatch, layout):
         hidden, labels = hidden.reshape(-1, 16), labels.reshape(-1)
         cu_seqlens = torch.arange(0, labels.numel() + 1, labels.numel() // 6)
     hidden.requires_grad_(True)
+    weight.requires_grad_(True)  # a trained head: both passes (a frozen head takes another pass 1)
     reads.clear()
     loss, _ = linear_preference_loss(hidden, weight, labels, beta=2.0, impl="chunked", cu_seqlens=cu_seqlens)
     forward_reads = reads[:]
