@@ -14,7 +14,7 @@ import torch
 import triton
 
 from amapo_fast import vocab_chunks
-from amapo_fast.kernels import dlogits_backward, lse_forward, tuning
+from amapo_fast.kernels import dlogits_backward, lse_forward, token_dots, tuning
 from bench.workloads import ULTRAFEEDBACK
 
 DIM, VOCAB = 4096, 128256  # Llama-3-8B's head
@@ -68,6 +68,11 @@ def launches(monkeypatch, tmp_path):
 
     benchmarked = iter(range(10**9))  # made-up times, different per config: the "fastest" varies by key
     monkeypatch.setattr(tuning.Tuned, "launch", launch)
+    # The forward's gather-dots (target and mean logit) are a plain launch outside tuning: shapes only here.
+    monkeypatch.setattr(token_dots, "token_dots", lambda hidden, weight, bias, targets, mean: (
+        hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+        hidden.new_empty(hidden.shape[0], dtype=torch.float32) if mean else None,
+    ))
     monkeypatch.setattr(tuning.Tuned, "choose", choose)
     monkeypatch.setattr(tuning, "benchmark", lambda call: 1.0 + next(benchmarked) % 7 / 10)
     yield record
@@ -277,6 +282,7 @@ def test_tune_head_tunes_on_rank_0_and_every_rank_launches_its_choices(launches,
         simulate(launches, counts)
         per_rank.append((tuned, len(launches["tunings"]), launches["launches"][:]))
     buckets = vocab_chunks.token_bucket(max(counts)).bit_length()  # 1, 2, 4, ..., the largest bucket
-    assert per_rank[0][:2] == (2 * buckets, 2 * buckets)  # both kernels, every bucket, and nothing more
+    # Every bucket: the forward's lean and metrics variants and the backward, and nothing more.
+    assert per_rank[0][:2] == (3 * buckets, 3 * buckets)
     assert per_rank[1][:2] == (0, 0)
     assert per_rank[0][2] == per_rank[1][2]
