@@ -36,6 +36,9 @@ setup(
         "cut-cross-entropy": ["cut-cross-entropy"],
         # TRL's CPOTrainer and DPOTrainer, compared in bench/train_step.py when installed.
         "trl": ["trl>=1.0"],
-        "dev": ["pytest", "pytest-timeout", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil"],
+        # LoRA adapters (--use_peft); QLoRA's 4-bit base (--load_in_4bit, CUDA only) also needs bitsandbytes.
+        "peft": ["peft>=0.13"],
+        "qlora": ["peft>=0.13", "bitsandbytes>=0.43"],
+        "dev": ["pytest", "pytest-timeout", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil", "peft>=0.13"],
     },
 )

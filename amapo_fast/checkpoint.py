@@ -4,12 +4,15 @@ kept; RNG state per rank.
 
 Layout of `output_dir/checkpoint-N/`: the engine's sharded state (DCP `dcp/` + `scheduler.pt` for FSDP2,
 DeepSpeed's own `deepspeed/` folder for ZeRO-3), `rng_state_<rank>.pt`, `trainer_state.json` (step, data
-position, number of processes, settings) and `manifest.json` (size and xxh3-64 hash of every other file),
-both written after every rank has finished. `output_dir` must be visible to every node (a shared
+position, number of processes, settings, and the list of every file the save wrote) and `manifest.json` (size
+and xxh3-64 hash of every other file), both written after every rank has finished. A resume refuses a
+checkpoint unless the manifest lists, and matches, the trainer state and every file that it names. `output_dir` must be visible to every node (a shared
 filesystem) for multi-node runs.
 """
+import errno
 import json
 import os
+import posixpath
 import random
 import re
 import shutil
@@ -17,9 +20,10 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .errors import CheckpointError
-from .guard import check_finite_weights
+from .guard import check_finite_weights, last_checkpoint_text
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_SUFFIX = ".tmp"
@@ -27,30 +31,40 @@ TEMPORARY_SUFFIX = ".tmp"
 DELETING_SUFFIX = ".deleting"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+# The trainer state's list of every file the save wrote, which the manifest must vouch for on resume.
+CHECKPOINT_FILES = "checkpoint_files"
 HASH_BLOCK_BYTES = 1 << 24
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's zip writer reports a write the disk could not take by the stream position it expected.
+SHORT_WRITE = re.compile(r"unexpected pos \d+ vs \d+|file write failed|No space left on device|Disk quota exceeded")
 
 
 def completed_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoint folders of output_dir, oldest first (temporary and half-deleted folders are ignored)."""
+    """Checkpoint folders of output_dir that a save completed, oldest first: those holding a trainer state or a
+    manifest (a save renames its folder into place only once both are written, so a `checkpoint-N` with only
+    one of them is damaged, not half-written). Temporary and half-deleted folders are ignored."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
         path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, TRAINER_STATE)):
+        if match and any(os.path.isfile(os.path.join(path, marker)) for marker in (TRAINER_STATE, MANIFEST)):
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
 def resolve_resume(resume: str, output_dir: str) -> str:
-    """The folder to resume from: the given one, or the newest complete one in output_dir for 'latest'."""
+    """The folder to resume from: the given one, or the newest complete one in output_dir for 'latest'. A
+    damaged newest checkpoint is refused, never passed over for an older one."""
     if resume == "latest":
         checkpoints = completed_checkpoints(output_dir)
         if not checkpoints:
             raise CheckpointError(f"--resume latest: no complete checkpoint-N folder in {output_dir!r}")
-        return checkpoints[-1]
+        resume = checkpoints[-1]
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
+        if os.path.isfile(os.path.join(resume, MANIFEST)):
+            raise _damaged(resume, f"it has a {MANIFEST} but no {TRAINER_STATE} (deleted after the save)")
         raise CheckpointError(f"--resume {resume!r}: not a complete checkpoint folder (no {TRAINER_STATE})")
     return resume
 
@@ -115,29 +129,87 @@ def _file_problem(folder: str, name: str, entry: dict) -> str | None:
     return None
 
 
-def verify_checkpoint(folder: str):
-    """Raise CheckpointError on every rank, naming the first bad file, unless every file the manifest lists is
-    there with its size and hash. Every rank checks a share of the files. Collective."""
-    rank, world = _rank_world()
-    if not os.path.isfile(os.path.join(folder, MANIFEST)):
+def _damaged(folder: str, problem: str, more: int = 0) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {folder} is damaged: {problem}"
+        + (f" ({more} more bad file(s))" if more else "")
+        + "; resume from an earlier checkpoint with --resume PATH"
+    )
+
+
+def _is_entry(name, entry) -> bool:
+    """A manifest entry: a relative path that stays inside the folder, with an integer size and a hash string."""
+    return (
+        isinstance(name, str) and name == posixpath.normpath(name) and not name.startswith(("/", "../"))
+        and name != ".." and isinstance(entry, dict) and type(entry.get("bytes")) is int
+        and isinstance(entry.get("xxh3_64"), str)
+    )
+
+
+def _manifest_entries(folder: str) -> dict:
+    """The manifest's {file: {bytes, xxh3_64}}, refused in one line unless it has exactly that shape."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
         raise CheckpointError(
             f"checkpoint {folder} has no {MANIFEST}, so its files cannot be verified (damaged, or written by an "
             "older version of this trainer)"
         )
     try:
-        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
-            entries = json.load(handle)["files"]
-        problems = [problem for name, entry in sorted(entries.items())[rank::world]
-                    if (problem := _file_problem(folder, name, entry))]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        problems = [f"{os.path.join(folder, MANIFEST)} cannot be read ({error})"]
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise _damaged(folder, f"{path} cannot be read ({error})") from None
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict):
+        raise _damaged(folder, f"{path} holds no 'files' object mapping each file to its size and hash")
+    for name, entry in entries.items():
+        if not _is_entry(name, entry):
+            raise _damaged(folder, f"{path}: entry {name!r} is not a file inside the checkpoint with its "
+                                   "'bytes' and 'xxh3_64'")
+    return entries
+
+
+def _vouched_trainer_state(folder: str, entries: dict) -> dict:
+    """trainer_state.json, once the manifest lists it and its size and hash match."""
+    if TRAINER_STATE not in entries:
+        raise _damaged(folder, f"{MANIFEST} does not list {TRAINER_STATE}, which every checkpoint needs")
+    if problem := _file_problem(folder, TRAINER_STATE, entries[TRAINER_STATE]):
+        raise _damaged(folder, problem)
+    try:
+        state = read_trainer_state(folder)
+    except (OSError, ValueError) as error:
+        raise _damaged(folder, f"{os.path.join(folder, TRAINER_STATE)} cannot be read ({error})") from None
+    if not isinstance(state, dict):
+        raise _damaged(folder, f"{os.path.join(folder, TRAINER_STATE)} holds no JSON object")
+    return state
+
+
+def verify_checkpoint(folder: str, check_state=None) -> dict:
+    """The folder's trainer state, once every file the checkpoint needs is listed in its manifest and every
+    listed file is there with its size and hash; otherwise CheckpointError on every rank, naming the first bad
+    file. The files a checkpoint needs are trainer_state.json and those it names (everything the engine and the
+    ranks wrote: shards, metadata, scheduler, RNG states), so an emptied or edited manifest vouches for
+    nothing. `check_state(state)`, when given, runs as soon as the trainer state is vouched for, before the
+    other files are hashed. Every rank hashes a share of the files. Collective."""
+    rank, world = _rank_world()
+    entries = _manifest_entries(folder)
+    state = _vouched_trainer_state(folder, entries)
+    if check_state is not None:
+        check_state(state)
+    needed = state.get(CHECKPOINT_FILES)
+    if not (isinstance(needed, list) and all(isinstance(name, str) for name in needed)):
+        raise _damaged(folder, f"{os.path.join(folder, TRAINER_STATE)} does not list the checkpoint's files "
+                               f"('{CHECKPOINT_FILES}'; edited, or written by an older version of this trainer)")
+    unlisted = [name for name in needed if name not in entries]
+    if unlisted:
+        raise _damaged(folder, f"{MANIFEST} does not list {os.path.join(folder, unlisted[0])}, which the "
+                               "checkpoint needs", len(unlisted) - 1)
+    problems = [problem for name, entry in sorted(entries.items())[rank::world]
+                if (problem := _file_problem(folder, name, entry))]
     problems = sorted(problem for share in _gather(problems) for problem in share)
     if problems:
-        raise CheckpointError(
-            f"checkpoint {folder} is damaged: {problems[0]}"
-            + (f" ({len(problems) - 1} more bad file(s))" if len(problems) > 1 else "")
-            + "; resume from an earlier checkpoint with --resume PATH"
-        )
+        raise _damaged(folder, problems[0], len(problems) - 1)
+    return state
 
 
 def _remove(folder: str):
@@ -164,9 +236,79 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _WriteFailed(Exception):
+    """Some rank could not write its part of a save: (rank, disk-full error or None, first line) per failure."""
+
+    def __init__(self, failures: list, local: BaseException | None):
+        super().__init__(failures)
+        self.failures, self.local = failures, local
+
+
+def _disk_full(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain (or among DCP's per-rank failures) that says the disk is full, if any."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        if isinstance(current, RuntimeError) and SHORT_WRITE.search(str(current)):
+            return current
+        if isinstance(current, CheckpointException):
+            pending.extend(failure[0] if isinstance(failure, tuple) else failure for failure in current.failures.values())
+        pending.extend((current.__cause__, current.__context__))
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _agreed(write):
+    """Run this rank's share of a save's writing; raise _WriteFailed on every rank if any rank failed (instead
+    of leaving the others waiting at the next collective). Collective."""
+    rank, _ = _rank_world()
+    try:
+        write()
+        failure = None
+    except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+        failure = error
+    report = None if failure is None else (rank, _disk_full(failure) is not None, _first_line(_disk_full(failure) or failure))
+    failures = [item for item in _gather(report) if item is not None]
+    if failures:
+        raise _WriteFailed(failures, failure)
+
+
+def _abandoned(failed: _WriteFailed, what: str, output_dir: str) -> BaseException:
+    """The error every rank raises for a save that failed: one line when the disk is full; otherwise this rank's
+    own error, or a RuntimeError naming the rank that failed."""
+    full = [detail for _, is_full, detail in failed.failures if is_full]
+    if full:
+        return CheckpointError(
+            f"{what} abandoned: the disk holding {output_dir} is full ({full[0]}); its partial files were removed, "
+            f"and the earlier checkpoints and the log are untouched ({last_checkpoint_text(output_dir)}). Free "
+            "some space (or lower --save_total_limit), then continue with --resume"
+        )
+    if failed.local is not None:
+        return failed.local
+    rank, _, detail = failed.failures[0]
+    return RuntimeError(f"rank {rank} could not write {what}: {detail}")
+
+
+def _write_trainer_state(temporary: str, trainer_state: dict):
+    trainer_state = {**trainer_state, CHECKPOINT_FILES: _files(temporary)}
+    with open(os.path.join(temporary, TRAINER_STATE), "w", encoding="utf-8") as handle:
+        json.dump(trainer_state, handle, indent=2)
+
+
 def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, keep_last: int, rank: int) -> str:
     """Every rank writes its part into checkpoint-N.tmp; rank 0 writes the trainer state, every rank hashes a
-    share of the files for the manifest, and rank 0 renames the folder to checkpoint-N, then rotates."""
+    share of the files for the manifest, and rank 0 renames the folder to checkpoint-N, then rotates. When a
+    rank cannot write (a full disk), every rank stops, the temporary folder is removed, and nothing older is
+    touched."""
     check_finite_weights(engine.policy, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     temporary = final + TEMPORARY_SUFFIX
@@ -175,16 +317,16 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
         for name in os.listdir(output_dir):  # left over from a crash during a rotation
             if CHECKPOINT_PATTERN.match(name.removesuffix(DELETING_SUFFIX)) and name.endswith(DELETING_SUFFIX):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-        os.makedirs(temporary)
-    dist.barrier()
-    engine.save(temporary)
-    torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        with open(os.path.join(temporary, TRAINER_STATE), "w", encoding="utf-8") as handle:
-            json.dump(trainer_state, handle, indent=2)
-    dist.barrier()
-    write_manifest(temporary)
+    try:
+        _agreed(lambda: os.makedirs(temporary) if rank == 0 else None)
+        _agreed(lambda: (engine.save(temporary),
+                         torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pt"))))
+        _agreed(lambda: _write_trainer_state(temporary, trainer_state) if rank == 0 else None)
+        _agreed(lambda: write_manifest(temporary))
+    except _WriteFailed as failed:
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise _abandoned(failed, f"checkpoint-{step}", output_dir) from failed.local
     if rank == 0:
         if os.path.exists(final):  # a checkpoint of the same step from before a resume
             _remove(final)
@@ -223,9 +365,7 @@ def _check_compatible(path: str, state: dict, backend: str, world_size: int):
 def load_checkpoint(engine, path: str, rank: int, backend: str) -> dict:
     """Verify the folder against its manifest, then restore the engine (model, optimizer, scheduler) and this
     rank's RNG; returns the trainer state. Collective."""
-    verify_checkpoint(path)
-    state = read_trainer_state(path)
-    _check_compatible(path, state, backend, _rank_world()[1])
+    state = verify_checkpoint(path, lambda state: _check_compatible(path, state, backend, _rank_world()[1]))
     engine.load(path)
     rng_file = os.path.join(path, f"rng_state_{rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: those keep their seed
@@ -244,23 +384,39 @@ def _readable_like_new_files(directory: str):
             os.chmod(path, 0o666 & ~umask)
 
 
-def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int):
-    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads.
+def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int, base_model: str = "",
+                    merge_adapters: bool = False):
+    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads; for a policy
+    with adapters a peft adapter folder on `base_model`, or with `merge_adapters` the merged model's folder.
 
     Written beside `directory` and renamed into place once complete, so a run killed while saving leaves
     no folder that looks finished (an older `directory` stays until the new one replaces it)."""
     check_finite_weights(engine.policy, directory)
     state = engine.full_state_dict()  # collective: every rank takes part
-    if rank == 0:
+    partial = directory.rstrip(os.sep) + ".partial"
+
+    def write():
         prefix = "causal_lm."
         weights = {key[len(prefix):]: value.to(dtype) for key, value in state.items() if key.startswith(prefix)}
         causal_lm = policy.causal_lm
         causal_lm.config.dtype = dtype
-        partial = directory.rstrip(os.sep) + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
-        causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
+        if policy.peft_model is not None:
+            from .adapters import write_adapter_folder
+
+            write_adapter_folder(policy.peft_model, weights, partial, base_model, merge=merge_adapters)
+        else:
+            causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         _readable_like_new_files(partial)
+
+    try:
+        _agreed(write if rank == 0 else lambda: None)
+    except _WriteFailed as failed:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise _abandoned(failed, directory, os.path.dirname(directory.rstrip(os.sep)) or ".") from failed.local
+    if rank == 0:
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(partial, directory)
     dist.barrier()

@@ -7,15 +7,17 @@ Accepted row formats (the first two are UltraFeedback's and TRL's conversational
   * plain text: `prompt`, `chosen`, `rejected` are strings; no chat template, EOS appended to the responses.
 Optional `ref_chosen_logps` / `ref_rejected_logps` columns carry precomputed DPO reference log-probs.
 """
-import codecs
 import collections
 import json
 import logging
+import math
 import os
+import re
 
 import torch
 
 from . import prefix
+from .cli import datasets_progress
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -23,7 +25,12 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+# Optional: each row's index in the file it came from, when rows were shuffled or split off (a held-out slice);
+# errors and the dropped-rows warning name that index instead of the position in the split.
+SOURCE_ROW = "source_row_index"
 LOCAL_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# A local file's split name must contain one of these words ('train', 'test_prefs', 'validation_2', ...).
+SPLIT_WORDS = {"train", "test", "validation", "valid", "val", "eval", "dev", "held", "heldout"}
 
 # Why a row cannot be used; rows are dropped with a count per reason.
 MISSING_VALUE = "missing value"
@@ -33,53 +40,111 @@ NOT_ASSISTANT = "last message is not the assistant's"
 EMPTY_RESPONSE = "empty response"
 TEMPLATE_NOT_PREFIX = "chat template does not render the prompt as a prefix of the conversation"
 PROMPT_TOO_LONG = "prompt longer than max_length"
+IDENTICAL_RESPONSES = "chosen and rejected are the same tokens"
 
 
-def load_preference_dataset(name_or_path: str, split: str, config_name: str | None = None):
+def load_preference_dataset(name_or_path: str, split: str, config_name: str | None = None, *, split_flag="--split"):
     """A `datasets.Dataset` from a hub name, a local json/jsonl/parquet file, or a local folder.
 
-    A local file is taken as the named split, so `split="test_prefs[:100]"` slices it like a hub split would.
+    A local file is taken as the named split, so `split="test_prefs[:100]"` slices it like a hub split would;
+    the name must still look like a split's (train, test, validation, test_prefs, ...), so that a misspelled
+    one is not taken silently. `split_flag` names the setting in messages.
     """
-    from datasets import load_dataset, load_from_disk
+    from datasets import load_dataset
 
+    split_name = split.split("[")[0]
     if os.path.isfile(name_or_path):
         extension = os.path.splitext(name_or_path)[1].lower()
         if extension not in LOCAL_FILE_BUILDERS:
             raise ValueError(f"{name_or_path}: expected a .json, .jsonl or .parquet file, got {extension!r}")
         if os.path.getsize(name_or_path) == 0:
             raise DataError(f"{name_or_path} is empty: expected preference pairs (see docs/train.md, Data)")
-        split_name = split.split("[")[0]
+        if not set(re.split(r"[_\-]", split_name.lower())) & SPLIT_WORDS:
+            raise DataError(
+                f"{split_flag} {split}: {split_name!r} does not name a split; a local file is read as one split, "
+                f"so any of {', '.join(sorted(SPLIT_WORDS))} (or a name made of them, like test_prefs) serves"
+            )
         builder = LOCAL_FILE_BUILDERS[extension]
-        # datasets would load undecodable bytes and fail only when a row is read, without saying where.
-        if builder == "json" and not _is_utf8(name_or_path):
-            raise DataError(f"{name_or_path}: {json_file_problem(name_or_path)}")
-        try:
-            dataset = load_dataset(builder, data_files={split_name: name_or_path}, split=split)
-        except Exception:
-            # datasets reports JSON problems without the file or the line (or as a bare StopIteration): find them.
-            problem = json_file_problem(name_or_path) if builder == "json" else None
-            if problem is None:
-                raise
-            raise DataError(f"{name_or_path}: {problem}") from None
-        problem = None if _uniform_row_types(dataset.features) else _first_row_problem(dataset)
-        if problem:
-            raise DataError(f"{name_or_path}{'' if split == split_name else f' ({split})'}: {problem}")
+        # datasets would load undecodable bytes and fail only when a row is read, reports JSON problems without
+        # the file or the line (or as a bare StopIteration), and keeps one value of a key written twice: check first.
+        if builder == "json" and (problem := json_file_problem(name_or_path)):
+            raise DataError(f"{name_or_path}: {problem}")
+        dataset = load_dataset(builder, data_files={split_name: name_or_path}, split=split)
+        where = f"{name_or_path}{'' if split == split_name else f' ({split})'}"
+        columns = _ref_columns(dataset)
+        if builder == "json" and not all(_is_number_feature(dataset.features[column]) for column in columns):
+            # A column of numbers and text becomes a JSON column that decodes "-3.5" as -3.5: read the file's values.
+            problem = _reference_problem(_json_rows(name_or_path), columns)
+            if problem:
+                raise DataError(f"{where}: {problem}")
+        check_rows(dataset, where)
         return dataset
     if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_dict.json")):
-        return load_from_disk(name_or_path)[split]  # a DatasetDict written by save_to_disk
-    return load_dataset(name_or_path, config_name, split=split)
+        dataset = _saved_split(name_or_path, split, split_flag)
+    else:
+        dataset = load_dataset(name_or_path, config_name, split=split)
+    check_rows(dataset, f"{name_or_path} ({split})")
+    return dataset
 
 
-def _is_utf8(path: str) -> bool:
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    with open(path, "rb") as handle:
-        try:
-            while block := handle.read(1 << 24):
-                decoder.decode(block)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return False
-    return True
+def _saved_split(path: str, split: str, split_flag: str):
+    """A split of a DatasetDict written by save_to_disk, sliced like a hub split ('train[:100]', 'test[10%:]')."""
+    from datasets import ReadInstruction, load_from_disk
+
+    saved = load_from_disk(path)
+    split_name = split.split("[")[0]
+    if split_name not in saved:
+        raise DataError(
+            f"{path}: the saved dataset has no split {split_name!r}; it has {', '.join(saved)}: pass one of "
+            f"them as {split_flag}"
+        )
+    dataset = saved[split_name]
+    if split_name == split:
+        return dataset
+    (bounds,) = ReadInstruction.from_spec(split).to_absolute({split_name: len(dataset)})
+    return dataset.select(range(bounds.from_, bounds.to))
+
+
+def check_rows(dataset, where: str):
+    """Refuse a dataset whose values have the wrong types (a message content that is not text, a reference
+    log-prob that is missing, not a number or not finite), naming `where` and the first such row."""
+    problem = None if _uniform_row_types(dataset.features) else _first_row_problem(dataset)
+    columns = _ref_columns(dataset)
+    problem = problem or (_reference_problem(dataset.select_columns(columns), columns) if columns else None)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+
+
+def _ref_columns(dataset) -> list[str]:
+    return [column for column in REF_COLUMNS if column in dataset.column_names]
+
+
+def _is_number_feature(feature) -> bool:
+    return str(getattr(feature, "dtype", "")).startswith(("float", "int"))
+
+
+def _json_rows(path: str) -> list[dict]:
+    """The rows of a .json document (a list of objects) or of a .jsonl file (one object per line), as written."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        document = json.loads(text)
+        return document if isinstance(document, list) else []
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def _reference_problem(rows, columns) -> str | None:
+    """The first row whose precomputed reference log-prob is missing, not a number or not finite."""
+    for index, row in enumerate(rows):
+        for column in columns:
+            value = row.get(column)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return (
+                    f"row {index}: {column!r} is {_kind(value)}; expected a finite number (the reference model's "
+                    "summed response log-prob)"
+                )
+    return None
 
 
 def json_file_problem(path: str) -> str | None:
@@ -95,20 +160,37 @@ def json_file_problem(path: str) -> str | None:
     if not text.strip():
         return "holds only whitespace; expected preference pairs, one JSON object per line"
     try:
-        json.loads(text)
-        return None  # one JSON document; datasets' own message about its layout stands
+        document = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as error:
+        return f"{error}; each key may appear once per object"
     except json.JSONDecodeError:
         pass
+    else:
+        return None  # one JSON document; datasets' own message about its layout stands
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as error:
+            return f"line {number}: {error}; each key may appear once per object"
         except json.JSONDecodeError as error:
             return f"line {number}, column {error.colno}: {error.msg}; expected one JSON object per line"
         if not isinstance(value, dict):
             return f"line {number}: a JSON {type(value).__name__}; expected one JSON object ({{...}}) per line"
     return None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(f"key {key!r} appears twice in one object")
+    return dict(pairs)
 
 
 def _kind(value) -> str:
@@ -118,7 +200,11 @@ def _kind(value) -> str:
     if isinstance(value, str):
         return "a string"
     if isinstance(value, (list, tuple)) and all(isinstance(item, dict) and "content" in item for item in value):
-        return "a message list"
+        contents = [item["content"] for item in value]
+        if all(content is None or isinstance(content, str) for content in contents):
+            return "a message list"
+        bad = next(content for content in contents if not (content is None or isinstance(content, str)))
+        return f"a message list whose 'content' {str(bad)[:60]!r} is not text ({type(bad).__name__})"
     return f"a {type(value).__name__} ({str(value)[:60]!r})"
 
 
@@ -142,8 +228,11 @@ def _feature_kind(feature) -> str:
     if getattr(feature, "dtype", None) in ("string", "large_string"):
         return "a string"
     if isinstance(feature, list) or type(feature).__name__ in ("List", "LargeList", "Sequence"):
-        return "a message list"
-    return "mixed"  # e.g. datasets' Json feature: strings in some rows, lists in others
+        message = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+        content = message.get("content") if isinstance(message, dict) else None
+        if getattr(content, "dtype", None) in ("string", "large_string"):
+            return "a message list"
+    return "mixed"  # e.g. datasets' Json feature: strings in some rows, lists in others; or non-text contents
 
 
 def _uniform_row_types(features) -> bool:
@@ -196,7 +285,7 @@ def _split_conversation(row, has_prompt_column):
 
 
 def _dropped(reason: str) -> dict:
-    return {"drop_reason": reason, **{column: [] for column in TOKENIZED_COLUMNS}}
+    return {"drop_reason": reason, "truncated": [False] * 3, **{column: [] for column in TOKENIZED_COLUMNS}}
 
 
 class _RowEncoder:
@@ -241,6 +330,7 @@ class _RowEncoder:
         return prompt_text, responses[0], responses[1]
 
     def __call__(self, row, index):
+        index = row.get(SOURCE_ROW, index)
         problem = _row_problem(row, index)
         if problem:  # a plain ValueError: callers that know the data's name add it (the trainer does)
             raise ValueError(problem)
@@ -255,18 +345,24 @@ class _RowEncoder:
         bos = tokenizer.bos_token_id
         if self.adds_bos and (not prompt_ids or prompt_ids[0] != bos):
             prompt_ids = [bos] + prompt_ids
+        full_prompt_length = len(prompt_ids)
         prompt_ids = self._truncate_prompt(prompt_ids)
         if len(prompt_ids) >= self.max_length:
             return _dropped(PROMPT_TOO_LONG)
         room = self.max_length - len(prompt_ids)
-        chosen_ids = tokenizer(chosen_text, add_special_tokens=False).input_ids[:room]
-        rejected_ids = tokenizer(rejected_text, add_special_tokens=False).input_ids[:room]
+        chosen_ids = tokenizer(chosen_text, add_special_tokens=False).input_ids
+        rejected_ids = tokenizer(rejected_text, add_special_tokens=False).input_ids
+        cut = [len(prompt_ids) < full_prompt_length, len(chosen_ids) > room, len(rejected_ids) > room]
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
         if not prompt_ids:
             return _dropped(MISSING_PROMPT)
         if not chosen_ids or not rejected_ids:
             return _dropped(EMPTY_RESPONSE)
+        if chosen_ids == rejected_ids:  # equal texts, or cut (or mapped to <unk>) to the same tokens: no preference
+            return _dropped(IDENTICAL_RESPONSES)
         return {
             "drop_reason": "",
+            "truncated": cut,
             "prompt_input_ids": prompt_ids,
             "chosen_input_ids": chosen_ids,
             "rejected_input_ids": rejected_ids,
@@ -301,12 +397,14 @@ def _report_dropped(dataset, reasons):
     counts = collections.Counter(reason for reason in reasons if reason)
     summary = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
     first = dropped[0]
-    shown = repr(dataset[first])
+    row = dataset[first]
+    source_index = row.pop(SOURCE_ROW, first)
+    shown = repr(row)
     if len(shown) > 500:
         shown = shown[:500] + "..."
     logger.warning(
         "dropped %d of %d rows (%s); first dropped row (index %d, %s): %s",
-        len(dropped), len(reasons), summary, first, reasons[first], shown,
+        len(dropped), len(reasons), summary, source_index, reasons[first], shown,
     )
 
 
@@ -327,24 +425,39 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length: int, max_prompt_
     keep = [column for column in REF_COLUMNS if column in dataset.column_names]
     # Explicit features: a first writer batch made only of dropped rows must not fix the id columns' type.
     features = Features(
-        {"drop_reason": Value("string"), **{column: Sequence(Value("int32")) for column in TOKENIZED_COLUMNS}}
+        {"drop_reason": Value("string"), "truncated": Sequence(Value("bool"), length=3)}
+        | {column: Sequence(Value("int32")) for column in TOKENIZED_COLUMNS}
         | {column: dataset.features[column] for column in keep}
     )
-    encoded = dataset.map(
-        encoder,
-        with_indices=True,
-        remove_columns=[column for column in dataset.column_names if column not in keep],
-        features=features,
-        num_proc=num_proc,
-        desc="tokenizing preference pairs",
-    )
+    with datasets_progress():  # the one bar of this phase, on a terminal
+        encoded = dataset.map(
+            encoder,
+            with_indices=True,
+            remove_columns=[column for column in dataset.column_names if column not in keep],
+            features=features,
+            num_proc=num_proc,
+            desc="tokenizing preference pairs",
+        )
     reasons = encoded["drop_reason"]
     _report_dropped(dataset, reasons)
     if all(reasons):
         raise ValueError(f"every one of the {len(reasons)} rows was dropped (see the warning above for why)")
+    _report_truncated(encoded["truncated"], reasons, max_length, max_prompt_length)
     if any(reasons):
         encoded = encoded.filter(lambda reason: not reason, input_columns="drop_reason", num_proc=num_proc)
-    return encoded.remove_columns("drop_reason")
+    return encoded.remove_columns(["drop_reason", "truncated"])
+
+
+def _report_truncated(flags, reasons, max_length: int, max_prompt_length: int):
+    """One warning with how many prompts and responses the truncation cut (of the rows kept)."""
+    flags = [list(row) for row, reason in zip(flags, reasons) if not reason]
+    prompts = sum(row[0] for row in flags)
+    responses = sum(row[1] + row[2] for row in flags)
+    if prompts or responses:
+        logger.warning(
+            "truncated %d of %d prompts (from the left, to --max_prompt_length %d) and %d of %d responses (to fit "
+            "--max_length %d)", prompts, len(flags), max_prompt_length, responses, 2 * len(flags), max_length,
+        )
 
 
 class PreferenceCollator:

@@ -39,8 +39,12 @@ from .cli import (
     HelpFormatter,
     UserError,
     add_debug_flag,
+    both_spellings,
+    check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
+    progress_bars,
+    quiet_library_progress,
     require_existing_if_local,
     user_errors,
 )
@@ -151,7 +155,8 @@ def score_pairs(model, dataloader, *, desc: str = "ranking eval", progress: bool
     was_training = model.training
     model.eval()
     sums, counts = [], []
-    for batch in tqdm(dataloader, desc=desc, unit="batch", disable=not progress or rank != 0, dynamic_ncols=True):
+    bar = progress and rank == 0 and progress_bars()
+    for batch in tqdm(dataloader, desc=desc, unit="batch", disable=not bar, dynamic_ncols=True):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         row_sums, row_counts = model(batch, sequence_logps=True)
         sums.append(row_sums.detach().double().cpu().view(2, -1))  # [chosen rows; rejected rows]
@@ -420,7 +425,7 @@ easy / normal / hard accuracies and per-domain averages (as in the AMaPO paper's
 
 EPILOG = """\
 examples:
-  python -m amapo_fast.evaluate --model outputs/amapo-toy/final --dataset toy --max-length 128 --max-prompt-length 64
+  python -m amapo_fast.evaluate --model outputs/amapo-toy/final --dataset toy   # truncation: the model's training
   python -m amapo_fast.evaluate --model DIR --dataset HuggingFaceH4/ultrafeedback_binarized --split "test_prefs[:500]"
   torchrun --nproc_per_node 8 -m amapo_fast.evaluate --compare BASE DIR --dataset THU-KEG/RM-Bench --split train
 """
@@ -436,44 +441,87 @@ def parse_args(argv=None):
     )
     positive_int, positive_float = _positive(int), _positive(float)
     models = parser.add_mutually_exclusive_group(required=True)
-    models.add_argument("--model", help="hub name or local folder of a causal LM; 'toy': the trainer's initial model")
-    models.add_argument("--compare", nargs="+", metavar="MODEL", help="several models, side by side in one table")
+    models.add_argument(*both_spellings("--model", "--model_name_or_path"), help="hub name or local folder of a causal LM; 'toy': the trainer's initial model")
+    models.add_argument(*both_spellings("--compare"), nargs="+", metavar="MODEL", help="several models, side by side in one table")
     parser.add_argument(
-        "--dataset", required=True,
+        *both_spellings("--dataset", "--dataset_name"), required=True,
         help="hub name, local json/jsonl/parquet file or save_to_disk folder; 'toy': the trainer's held-out toy pairs",
     )
-    parser.add_argument("--split", default="test_prefs", help="split (slicing works: 'test_prefs[:200]'); a local file is read as this split")
-    parser.add_argument("--dataset-config", default=None, help="hub dataset config name")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer to use for every model; default: each model's own")
-    parser.add_argument("--max-length", type=positive_int, default=EvalSettings.max_length, help="prompt + response tokens")
+    parser.add_argument(*both_spellings("--split"), default="test_prefs", help="split (slicing works: 'test_prefs[:200]'); a local file is read as this split")
+    parser.add_argument(*both_spellings("--dataset-config", "--dataset_config_name"), default=None, help="hub dataset config name")
+    parser.add_argument(*both_spellings("--tokenizer", "--tokenizer_name_or_path"), default=None, help="tokenizer to use for every model; default: each model's own")
     parser.add_argument(
-        "--max-prompt-length", type=positive_int, default=EvalSettings.max_prompt_length,
-        help="prompts are cut from the left to this many tokens",
+        *both_spellings("--max-length"), type=positive_int, default=None,
+        help=f"prompt + response tokens; default: the model's training setting when the trainer wrote it, else "
+        f"{EvalSettings.max_length}",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=EvalSettings.batch_size, help="pairs per forward, per device")
-    parser.add_argument("--beta", type=positive_float, default=EvalSettings.beta, help="reward scale of the reported margin (1: nats per token)")
-    parser.add_argument("--subset-column", default=None, help=f"per-subset figures; default: the first of {SUBSET_COLUMNS} present")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--impl", choices=IMPLS, default="auto", help="log-prob implementation (auto: triton on GPU, chunked on CPU)")
     parser.add_argument(
-        "--attn-implementation", choices=("auto", "flash_attention_2", "sdpa", "eager", "flex_attention"), default="auto",
+        *both_spellings("--max-prompt-length"), type=positive_int, default=None,
+        help=f"prompts are cut from the left to this many tokens; default: the training setting, else "
+        f"{EvalSettings.max_prompt_length}",
+    )
+    parser.add_argument(*both_spellings("--batch-size"), type=positive_int, default=EvalSettings.batch_size, help="pairs per forward, per device")
+    parser.add_argument(*both_spellings("--beta"), type=positive_float, default=EvalSettings.beta, help="reward scale of the reported margin (1: nats per token)")
+    parser.add_argument(*both_spellings("--subset-column"), default=None, help=f"per-subset figures; default: the first of {SUBSET_COLUMNS} present")
+    parser.add_argument(*both_spellings("--precision"), choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument(*both_spellings("--impl"), choices=IMPLS, default="auto", help="log-prob implementation (auto: triton on GPU, chunked on CPU)")
+    parser.add_argument(
+        *both_spellings("--attn-implementation"), choices=("auto", "flash_attention_2", "sdpa", "eager", "flex_attention"), default="auto",
         help="auto: flash_attention_2 if installed, else sdpa; with prefix sharing flex_attention on GPU, sdpa elsewhere",
     )
-    parser.add_argument("--num-proc", type=positive_int, default=None, help="processes for tokenization")
+    parser.add_argument(*both_spellings("--num-proc"), type=positive_int, default=None, help="processes for tokenization")
     parser.add_argument(
-        "--prefix-sharing", action=argparse.BooleanOptionalAction, default=EvalSettings.prefix_sharing,
+        *both_spellings("--prefix-sharing"), action=argparse.BooleanOptionalAction, default=EvalSettings.prefix_sharing,
         help="score each pair as one sequence [prompt | chosen | rejected], its prompt computed once",
     )
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of the toy model's init (the trainer's)")
-    parser.add_argument("--output-dir", default="outputs/eval", help=f"where {' and '.join(RESULT_FILES)} go")
+    parser.add_argument(*both_spellings("--seed"), type=int, default=TrainConfig.seed, help="seed of the toy model's init (the trainer's)")
+    parser.add_argument(*both_spellings("--output-dir"), default="outputs/eval", help=f"where {' and '.join(RESULT_FILES)} go")
     add_debug_flag(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def training_truncation(names) -> tuple[dict, str] | None:
+    """({max_length, max_prompt_length}, source) recorded by the trainer in the models' config.json, or None when
+    no model has a record; models recorded with different settings are refused (the flags must then decide)."""
+    from .config import TRAINING_RECORD
+
+    found = {}
+    for name in names:
+        path = os.path.join(name, "config.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                record = json.load(handle).get(TRAINING_RECORD) or {}
+            if "max_length" in record and "max_prompt_length" in record:
+                found[name] = (record["max_length"], record["max_prompt_length"])
+    if not found:
+        return None
+    if len(set(found.values())) > 1:
+        shown = "; ".join(f"{name}: {length}/{prompt}" for name, (length, prompt) in found.items())
+        raise UserError(
+            f"the models were trained with different truncation (max_length/max_prompt_length {shown}): pass "
+            "--max-length and --max-prompt-length"
+        )
+    (length, prompt), = set(found.values())
+    return {"max_length": length, "max_prompt_length": prompt}, f"the training settings in {', '.join(found)}"
+
+
+def resolve_truncation(args, names) -> str:
+    """Fill --max-length / --max-prompt-length not given from the trainer's record (else the defaults); returns
+    the line that says what is used and where it comes from."""
+    recorded = None if None not in (args.max_length, args.max_prompt_length) else training_truncation(names)
+    values, source = recorded or ({"max_length": EvalSettings.max_length,
+                                   "max_prompt_length": EvalSettings.max_prompt_length}, "the defaults")
+    given = [name for name in ("max_length", "max_prompt_length") if getattr(args, name) is not None]
+    for name in ("max_length", "max_prompt_length"):
+        if getattr(args, name) is None:
+            setattr(args, name, values[name])
     if args.max_prompt_length >= args.max_length:
         raise UserError(
             f"--max-prompt-length {args.max_prompt_length} must be smaller than --max-length {args.max_length}: "
             "a response needs room"
         )
-    return args
+    origin = "the command line" if len(given) == 2 else source + (" and the command line" if given else "")
+    return f"truncation: --max-length {args.max_length}, --max-prompt-length {args.max_prompt_length} (from {origin})"
 
 
 def _load_eval_dataset(args):
@@ -500,23 +548,31 @@ def main(argv=None) -> dict:
     from .model import load_policy, load_tokenizer
 
     args = parse_args(argv)
+    quiet_library_progress()
     names = args.compare or [args.model]
     labels = [_label(name) for name in names]
     if len(set(labels)) != len(labels):
         raise UserError(f"--compare names a model twice: {labels}")
     # Paths are checked before any model loads, not after the evaluation ran.
     check_output_dir(args.output_dir, "--output-dir")
-    for name in names + [args.tokenizer] * bool(args.tokenizer):
+    flag = "--compare" if args.compare else "--model"
+    for name in names:
         if name != "toy":
-            require_existing_if_local(name, "--compare" if args.compare else "--model")
+            require_existing_if_local(name, flag)
+            check_model_folder(name, flag)
+    if args.tokenizer not in (None, "toy"):
+        require_existing_if_local(args.tokenizer, "--tokenizer")
     if args.dataset != "toy":
         require_existing_if_local(args.dataset, "--dataset")
+    truncation = resolve_truncation(args, names)
     settings = EvalSettings(
         max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
         beta=args.beta, subset_column=args.subset_column, num_proc=args.num_proc, prefix_sharing=args.prefix_sharing,
     )
     owns_process_group = not dist.is_initialized()
     env = init_distributed()
+    if env.is_main:
+        print(truncation, flush=True)
     try:
         bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
         with user_errors(ValueError, OSError, KeyError, prefix=f"dataset {args.dataset}: "):

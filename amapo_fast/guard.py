@@ -1,12 +1,15 @@
 """What keeps a training run from silently going wrong: steps whose loss or gradient norm is NaN or infinite,
-weights that are not finite when they are about to be saved, log records that are not strict JSON, and two
-runs writing to the same output folder.
+weights that are not finite when they are about to be saved, log records that are not strict JSON, two
+runs writing to the same output folder, and a stop signal (preemption, Ctrl-C) that would lose the steps
+since the last checkpoint.
 """
 import fcntl
 import json
 import math
 import os
+import signal
 import socket
+import threading
 import time
 
 import torch
@@ -190,3 +193,46 @@ class OutputDirLock:
             self.handle.close()
             self.handle = None
         return False
+
+
+class StopSignals:
+    """While active, SIGTERM (what SLURM, Kubernetes and torchrun send before killing) and SIGINT (Ctrl-C) ask
+    the run to stop after the step in progress instead of ending it at once; a second signal ends the
+    process at once (status 128 + its number), without a checkpoint.
+
+    The handler only records the signal; the trainer asks `requested()` after every step, which every rank
+    answers together (a maximum over ranks), so that all ranks stop after the same step even when only some
+    received the signal. Outside the main thread (where Python cannot install handlers) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received = 0  # the first signal's number, 0 before any
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+        return False
+
+    def _handle(self, signum, frame):
+        if self.received:
+            # os.write: a print could re-enter a write the signal interrupted.
+            os.write(2, f"error: second stop signal ({signal.Signals(signum).name}): stopping at once, without "
+                        "saving a checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.received = signum
+
+    def requested(self, device: torch.device) -> int:
+        """The number of the signal any rank has received, 0 if none. Collective: every rank calls it."""
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
+        if _world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())

@@ -10,15 +10,25 @@ dlogits = coef * (onehot(target) - softmax) for every response token into a boun
 No atomics and a fixed order of operations: two identical calls give bit-identical gradients, and the
 matrix products run at tensor-core speed instead of as read-modify-writes from every logit tile.
 """
+import logging
 from typing import Callable, NamedTuple
 
 import torch
 
-# The scratch holds [n_tokens, chunk] dlogits in the compute dtype. 256 MiB keeps it a small fraction of
-# the [N, V] fp32 logits it replaces (8.4 GB at N=16k, V=128k) while each chunk stays wide enough for
-# the GEMMs to be compute-bound: at N=16k bf16 a chunk is 8192 columns. The chunk never drops below
-# MIN_CHUNK_COLUMNS (GEMMs with a shorter inner dimension lose efficiency), so for very large N the
-# scratch grows past the budget instead.
+log = logging.getLogger(__name__)
+
+# The scratch holds [n_tokens, chunk] dlogits in the compute dtype. It is bounded twice:
+# - by SCRATCH_FRACTION of the [n_tokens, V] fp32 logits it replaces, so that it stays small next to what
+#   the eager computation would hold at every batch size (at V=128256 in bf16 a chunk is at most 15,872
+#   columns; at the CPU goal's V=32000 in fp32, the 2,048-column floor);
+# - by SCRATCH_BYTES, which caps it for large batches (at 16k bf16 tokens, 8,192 columns).
+# The chunk never drops below MIN_CHUNK_COLUMNS: the GEMMs' inner dimension (dH += dlogits @ W[chunk]) and
+# the number of read-modify-write passes over the fp32 dH accumulator (one per chunk) are set by it; on an
+# H100 the dH GEMM of a 2,048-column chunk at 4,096 tokens, D=4096, is ~87 us of bf16 tensor-core time
+# against ~56 us of traffic: still compute-bound (an estimate; see docs/kernels.md).
+# Both bounds use the power-of-two bucket of the token count, not the count itself, so the chunk width,
+# and with it the kernel's tuning key, is the same for every batch of a bucket.
+SCRATCH_FRACTION = 1 / 16
 SCRATCH_BYTES = 256 * 2**20
 MIN_CHUNK_COLUMNS = 2048
 CHUNK_ALIGN = 256  # a multiple of every BLOCK_V, so only a chunk's last vocabulary tile can be partial
@@ -34,43 +44,75 @@ class TokenLogprobs(NamedTuple):
     argmax_hit: torch.Tensor  # 1.0 where the target has the largest logit, else 0.0
 
 
+def token_bucket(num_tokens: int) -> int:
+    """The next power of two of the token count: the unit in which launches are sized and tuned."""
+    return 1 << (max(1, num_tokens) - 1).bit_length()
+
+
 def chunk_columns(num_tokens: int, vocab: int, element_size: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
-    """Vocabulary columns per backward chunk: the scratch budget, aligned, within [MIN_CHUNK_COLUMNS, V]."""
-    columns = scratch_bytes // max(1, num_tokens * element_size)
-    columns = max(MIN_CHUNK_COLUMNS, columns // CHUNK_ALIGN * CHUNK_ALIGN)
-    return min(vocab, columns)
+    """Vocabulary columns per backward chunk: within both scratch bounds, aligned, within [MIN_CHUNK_COLUMNS, V]."""
+    by_bytes = scratch_bytes // (token_bucket(num_tokens) * element_size)
+    by_fraction = int(SCRATCH_FRACTION * vocab * 4) // element_size
+    columns = min(by_bytes, by_fraction) // CHUNK_ALIGN * CHUNK_ALIGN
+    return min(vocab, max(MIN_CHUNK_COLUMNS, columns))
 
 
-_FP32_ACCUMULATE = {}  # device type -> the way that works there (probed once)
+# How acc += a @ b runs for 16-bit a, b and an fp32 acc, per device type (probed once, see _accumulate).
+ADDMM_OUT_DTYPE = "addmm(out_dtype=float32) into the accumulator"
+MM_OUT_DTYPE = "mm(out_dtype=float32) then add_"
+UPCAST = "fp32 matmul of upcast operands (CPU only)"
+_ACCUMULATE_WAY = {}
+
+
+def _mixed_gemm_works(gemm, device, dtype) -> bool:
+    x = torch.randn(32, 48, device=device).to(dtype)
+    y = torch.randn(48, 16, device=device).to(dtype)
+    try:
+        result = gemm(torch.ones(32, 16, device=device), x, y)
+    except (RuntimeError, TypeError):  # the op or its out_dtype argument is missing in this build
+        return False
+    return result.dtype == torch.float32 and torch.allclose(result, 1 + x.float() @ y.float(), rtol=1e-4, atol=1e-4)
+
+
+def _addmm_out_dtype(acc, a, b):
+    return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def _mm_out_dtype(acc, a, b):
+    return acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+WAYS = {ADDMM_OUT_DTYPE: _addmm_out_dtype, MM_OUT_DTYPE: _mm_out_dtype}
+
+
+def accumulate_way(device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """How pass 2 adds a product of 16-bit operands into an fp32 accumulator on device (probed on first use,
+    logged once): a GEMM with an fp32 output into the accumulator, else one into a temporary and an add.
+    A GEMM of upcast operands (an fp32 SGEMM, ~10x slower on a GPU, with upcast copies of both operands) is
+    taken on CPU only; on CUDA the absence of both 16-bit-input GEMMs is an error."""
+    device = torch.device(device)
+    if device.type not in _ACCUMULATE_WAY:
+        way = next((name for name, gemm in WAYS.items() if _mixed_gemm_works(gemm, device, dtype)), UPCAST)
+        if way == UPCAST and device.type == "cuda":
+            raise RuntimeError(
+                f"torch {torch.__version__} has no {dtype} GEMM with an fp32 output on CUDA (mm/addmm out_dtype): "
+                "upgrade torch"
+            )
+        log.info("pass 2 accumulates 16-bit GEMMs into fp32 on %s by %s", device.type, way)
+        _ACCUMULATE_WAY[device.type] = way
+    return _ACCUMULATE_WAY[device.type]
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-    """acc += a @ b. For 16-bit a, b into an fp32 acc the product is not rounded to 16 bits first.
-
-    CUDA (torch >= 2.8) has GEMMs with 16-bit inputs and an fp32 output; the first such call probes it on
-    a small problem and falls back to a product of upcast operands where it is missing (CPU).
-    """
+    """acc += a @ b. For 16-bit a, b into an fp32 acc the product is not rounded to 16 bits first."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
-    way = _FP32_ACCUMULATE.get(acc.device.type)
-    if way is None:
-        way = "upcast"
-        if acc.is_cuda:
-            try:
-                x = torch.randn(32, 48, device=acc.device).to(a.dtype)
-                y = torch.randn(48, 16, device=acc.device).to(a.dtype)
-                probe = torch.ones(32, 16, device=acc.device)
-                torch.addmm(probe, x, y, out_dtype=torch.float32, out=probe)
-                if torch.allclose(probe, 1 + x.float() @ y.float(), rtol=1e-4, atol=1e-4):
-                    way = "out_dtype"
-            except (RuntimeError, TypeError):
-                pass
-        _FP32_ACCUMULATE[acc.device.type] = way
-    if way == "out_dtype":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
+    way = accumulate_way(acc.device, a.dtype)
+    if way == UPCAST:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    else:
+        WAYS[way](acc, a, b)
 
 
 def backward_by_vocab_chunks(

@@ -1,30 +1,29 @@
-"""Launch parameters of the log-prob kernels: autotune configs, pruning by shared memory, tuning keys.
+"""Launch parameters of the log-prob kernels: autotune configs, pruning by shared memory, token blocks.
 
 Both kernels form [BLOCK_N, BLOCK_V] logit tiles as a loop of [BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_V]
 dots, so their configs share one shape and one shared-memory estimate:
   - BLOCK_N (token rows per tile) is chosen by the launcher from the number of response tokens and the
     dtype, not by the autotuner, so the launcher knows the number of token blocks before launch and can
     size the forward's vocabulary splits to fill whole waves of the GPU;
-  - BLOCK_V, BLOCK_D, GROUP_N, warps and stages are autotuned, keyed on the head's shape (V, D), the
-    dtype and a power-of-two bucket of the token count (small and large batches want different tiles,
-    while the exact count changes every step and must not trigger a new tuning run);
+  - BLOCK_V, BLOCK_D, GROUP_N, warps and stages are tuned once per tuning key (`tuning.py`): the head's
+    or the scratch's shape, the dtype, the launch's constexprs and a power-of-two bucket of the token
+    count (small and large batches want different tiles, while the exact count changes every step and
+    must not trigger a new tuning run);
   - configs whose pipelined operand buffers exceed the device's shared memory per block are pruned
     before autotuning, so a config that cannot launch is never tried.
 Nothing here resets or restores kernel arguments between benchmark runs: both kernels only write
 outputs (no accumulation), so running a config twice is harmless and no hook touches an absent (None)
 argument such as the bias of a bias-free head.
 """
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 
+from ..vocab_chunks import token_bucket
 from .inputs import dot_precision
 from .tiles import INTERPRET
 
-# Set to 1, every kernel launches with one fixed config: no autotuning at all.
-PIN_CONFIG_VARIABLE = "AMAPO_PIN_KERNEL_CONFIG"
 # Shared memory per block (opt-in maximum) of the GPUs the kernels are checked for ahead of time.
 SHARED_LIMIT = {"sm_80": 166_912, "sm_90": 232_448}
 
@@ -65,10 +64,6 @@ else:
     )
     # BLOCK_N candidates per dtype: (small batches, large batches); see token_block_size.
     TOKEN_BLOCKS = {torch.float32: (32, 64), torch.bfloat16: (64, 128), torch.float16: (64, 128)}
-    if os.environ.get(PIN_CONFIG_VARIABLE) == "1":
-        # One config for both kernels, so nothing is benchmarked (a GPU test run that must not spend its
-        # time tuning); it fits sm_80 and sm_90 and both forward variants' tile limits.
-        FORWARD_CONFIGS = BACKWARD_CONFIGS = _configs([(128, 64, 8, 8, 3)])
 
 # Logit-tile limits (elements per program) of the forward: the lean variant keeps two fp32 numbers per
 # token besides the dot accumulator; the metrics variant (entropy, target-is-argmax) keeps two more and
@@ -77,18 +72,13 @@ else:
 FORWARD_MAX_TILE = 128 * 256
 FORWARD_METRICS_MAX_TILE = 128 * 128
 
-SMALL_BATCH_TOKENS = 2048  # up to here the smaller BLOCK_N: less padding waste, more programs
+SMALL_BATCH_TOKENS = 2048  # up to this bucket the smaller BLOCK_N: less padding waste, more programs
 
 
 def token_block_size(num_tokens: int, dtype: torch.dtype) -> int:
-    """BLOCK_N for a launch over num_tokens response tokens."""
+    """BLOCK_N for a launch over num_tokens response tokens: a function of the token bucket."""
     small, large = TOKEN_BLOCKS[dtype]
-    return small if num_tokens <= SMALL_BATCH_TOKENS else large
-
-
-def token_bucket(num_tokens: int) -> int:
-    """The autotuning key for the token count: the next power of two, so tuning runs once per bucket."""
-    return triton.next_power_of_2(max(1, num_tokens))
+    return small if token_bucket(num_tokens) <= SMALL_BATCH_TOKENS else large
 
 
 def needs_int64_offsets(*sizes: int) -> bool:
@@ -125,7 +115,7 @@ def device_shared_limit(device: torch.device) -> int:
 
 
 def prune_for_device(configs, named_args, max_tile=None, **kwargs):
-    """`early_config_prune` hook of both kernels: drop configs that do not fit the launching device."""
+    """The pruning hook of both kernels (see tuning.Tuned): drop configs that do not fit the launching device."""
     hidden = named_args["hidden_ptr"]
     if not hidden.is_cuda:  # the interpreter: nothing to fit
         return configs

@@ -27,9 +27,12 @@ from .autotune import (
 )
 from .inputs import check_inputs, dot_precision, token_vector
 from .tiles import INTERPRET, dot_operand, grouped_program, logit_tile, row_offsets
+from .tuning import autotune
 
 
-@triton.autotune(configs=BACKWARD_CONFIGS, key=["n_bucket", "V", "D"], prune_configs_by={"early_config_prune": prune_for_device})
+# Keyed on the scratch's row stride, the full chunk width (a function of the token bucket and the head, the
+# same for a partial last chunk), not on V, the width of this chunk.
+@autotune("dlogits_backward", BACKWARD_CONFIGS, ["n_bucket", "dlogits_stride", "D"], prune_for_device)
 @triton.jit
 def _dlogits_kernel(
     hidden_ptr,  # [N, D]
@@ -44,7 +47,7 @@ def _dlogits_kernel(
     D,
     dlogits_stride,
     vocab_offset,  # the chunk's first vocabulary id
-    n_bucket,  # autotuning key only
+    n_bucket,  # tuning key only
     HAS_BIAS: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,
     INTERPRET: tl.constexpr,

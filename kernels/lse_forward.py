@@ -32,6 +32,7 @@ from .autotune import (
 from .inputs import check_inputs, dot_precision
 from .tiles import INTERPRET, dot, grouped_program, online_softmax_update, row_offsets
 from .token_dots import LEAN_PARTIALS, PARTIALS, finish_token_logprobs
+from .tuning import autotune
 
 MIN_WAVES = 2  # programs for at least this many waves, so every multiprocessor gets work
 MAX_EXTRA_SPLITS = 64  # how far above the minimum the search for full waves may go
@@ -44,12 +45,8 @@ def _prune_forward(configs, named_args, **kwargs):
     return prune_for_device(configs, named_args, max_tile=max_tile, **kwargs)
 
 
-# The two variants are tuned apart (TOKEN_METRICS in the key): their register needs differ.
-@triton.autotune(
-    configs=FORWARD_CONFIGS,
-    key=["n_bucket", "V", "D", "TOKEN_METRICS"],
-    prune_configs_by={"early_config_prune": _prune_forward},
-)
+# The two variants are tuned apart: TOKEN_METRICS, a constexpr of the launch, is part of the tuning key.
+@autotune("lse_forward", FORWARD_CONFIGS, ["n_bucket", "V", "D"], _prune_forward)
 @triton.jit
 def _lse_partials_kernel(
     hidden_ptr,  # [N, D]
@@ -60,7 +57,7 @@ def _lse_partials_kernel(
     N,
     V,
     D,
-    n_bucket,  # autotuning key only
+    n_bucket,  # tuning key only
     num_splits,
     HAS_BIAS: tl.constexpr,
     INT64_OFFSETS: tl.constexpr,

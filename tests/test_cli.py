@@ -260,3 +260,193 @@ def test_readme_python_example_runs_as_written():
     exec(compile(example, "README.md", "exec"), namespace)
     assert namespace["hidden"].grad is not None and namespace["lm_head"].weight.grad is not None
 
+
+
+def test_dpo_with_precomputed_reference_log_probs_trains_and_evaluates(tmp_path):
+    """The reference log-probs come from the file (no reference model), in training and at held-out evaluation."""
+    rows = make_toy_preference_dataset(SMALL_ROWS, seed=3).remove_columns(["task"]).to_list()
+    for index, row in enumerate(rows):
+        row.update(ref_chosen_logps=-20.0 - index, ref_rejected_logps=-25.0 + index)
+    data = tmp_path / "with_ref.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output_dir = tmp_path / "run"
+    results = train.main(["--dataset_name", str(data), "--loss_type", "dpo", "--beta", "0.1", "--output_dir",
+                          str(output_dir), "--save_final", "false"])
+    before, _, after = _records(output_dir)
+    assert "eval/loss" in before and after["eval/loss"] == pytest.approx(results["eval/loss"])
+
+
+def test_dropped_rows_are_named_by_their_index_in_the_file(tmp_path, process_group, caplog):
+    import logging
+
+    rows = make_toy_preference_dataset(SMALL_ROWS, seed=5).remove_columns(["task"]).to_list()
+    rows[13]["chosen"][-1]["content"] = " "
+    data = tmp_path / "one_bad.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level(logging.WARNING, logger="amapo_fast.data"):
+        train.load_splits(parse_config(["--dataset_name", str(data)]), build_toy_tokenizer())
+    (message,) = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert "first dropped row (index 13, empty response)" in message and "source_row" not in message
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A trainer's output folder: log.jsonl, checkpoint-2 and final/."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    train.main(["--toy_num_train", "32", "--per_device_train_batch_size", "8", "--max_steps", "2", "--save_steps", "2",
+                "--eval_split", "none", "--output_dir", str(output_dir)])
+    return output_dir
+
+
+def test_evaluate_says_what_a_wrong_model_folder_is_and_what_to_pass(finished_run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr("amapo_fast.model.load_policy", None)  # reached only if a check came too late
+    broken = tmp_path / "broken"
+    shutil.copytree(finished_run / "final", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    no_config = tmp_path / "no_config"
+    shutil.copytree(finished_run / "final", no_config)
+    (no_config / "config.json").unlink()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(finished_run, unfinished, ignore=shutil.ignore_patterns("final"))
+    cases = [
+        (finished_run, f"a training run's output folder; its trained model is {finished_run / 'final'}"),
+        (finished_run / "checkpoint-2", "a training checkpoint (sharded training state), not a model folder: pass "
+                                        "the run's final/ folder, or export this checkpoint to a model folder with "
+                                        "python -m amapo_fast.export"),
+        (unfinished, "without a final/ model"),
+        (broken, "model.safetensors is cut short"),
+        (no_config, "no config.json, so not a model folder"),
+        (finished_run / "missing" / "final", "no such file or folder"),
+    ]
+    for model, expected in cases:
+        line = _user_error(capsys, evaluate.main, ["--model", str(model), "--dataset", "toy", "--output-dir",
+                                                  str(tmp_path / "eval")])
+        assert f"--model {model}: " in line and expected in line, line
+    relative = os.path.relpath(finished_run / "nothere" / "final")
+    assert "no such file or folder" in _user_error(capsys, evaluate.main, ["--model", relative, "--dataset", "toy"])
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [("loss_type: ampo\n", "loss_type: invalid choice 'ampo' (choose from amapo,"),
+     ("backend: fsdp\n", "backend: invalid choice 'fsdp'"), ("stats_scope: globl\n", "stats_scope: invalid choice"),
+     ("attn_implementation: flash\n", "attn_implementation: invalid choice"),
+     ("precision: fp16\n", "precision: invalid choice 'fp16' (choose from auto, bf16, fp32)"),
+     ("on_nonfinite: skipp\n", "on_nonfinite: invalid choice"), ("report_to: tensorboar\n", "report_to: invalid choice")],
+)
+def test_config_file_values_meet_the_flags_choices_before_anything_loads(tmp_path, capsys, monkeypatch, yaml_text, expected):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml_text)
+    monkeypatch.setattr(train, "Trainer", None)  # reaching the Trainer would be a TypeError, not a user error
+    line = _user_error(capsys, train.main, ["--config", str(config_file), "--output_dir", str(tmp_path / "out")])
+    assert f"--config {config_file}: {expected}" in line, line
+    with pytest.raises(UserError, match="invalid choice"):  # a config built in code is held to them too
+        from amapo_fast.config import TrainConfig, validate
+
+        name, value = yaml_text.strip().split(": ")
+        validate(TrainConfig(**{name: value}))
+
+
+@pytest.mark.parametrize("flag, value, extra", [("--report_to", "tensorboard", "tensorboard"), ("--report_to", "wandb", "wandb"),
+                                                ("--backend", "deepspeed", "deepspeed")])
+def test_a_missing_optional_package_is_named_with_its_extra_at_start_up(tmp_path, capsys, monkeypatch, flag, value, extra):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "deepspeed": "deepspeed"}[extra]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    monkeypatch.setattr(train, "Trainer", None)
+    line = _user_error(capsys, train.main, [flag, value, "--output_dir", str(tmp_path / "out")])
+    assert f"{flag} {value} needs the {module} package: pip install -e \".[{extra}]\"" in line
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc and /sys")
+@pytest.mark.parametrize("output_dir", ["/proc/amapo-out", "/sys/amapo-out"])
+def test_output_dir_on_a_kernel_file_system_is_one_line_before_anything_loads(capsys, monkeypatch, output_dir):
+    monkeypatch.setattr(train, "Trainer", None)
+    line = _user_error(capsys, train.main, ["--output_dir", output_dir])
+    assert f"--output_dir {output_dir}: " in line
+    monkeypatch.setattr("amapo_fast.model.load_policy", None)
+    assert "--output-dir" in _user_error(capsys, evaluate.main, ["--model", "toy", "--dataset", "toy", "--output-dir", output_dir])
+
+
+def test_both_command_lines_take_both_spellings_and_refuse_abbreviations(tmp_path, capsys):
+    config = parse_config(["--dataset-name", "toy", "--output-dir", "x", "--max-length", "96", "--dataset", "toy",
+                           "--model", "toy", "--max_prompt_length", "40"])
+    assert (config.output_dir, config.max_length, config.max_prompt_length) == ("x", 96, 40)
+    args = evaluate.parse_args(["--model_name_or_path", "toy", "--dataset_name", "toy", "--max_length", "96",
+                                "--max-prompt-length", "40", "--output_dir", "y", "--batch_size", "4"])
+    assert (args.model, args.dataset, args.max_length, args.output_dir, args.batch_size) == ("toy", "toy", 96, "y", 4)
+    line = _user_error(capsys, train.main, ["--learning_rat", "1e-3", "--output_dir", str(tmp_path / "out")])
+    assert "unrecognized arguments: --learning_rat" in line
+    line = _user_error(capsys, evaluate.main, ["--model", "toy", "--data", "toy"])
+    assert "--data" in line and "required: --dataset" in line
+
+
+def test_evaluate_takes_the_training_truncation_from_a_trained_model_and_says_so(finished_run, tmp_path, capsys):
+    final = finished_run / "final"
+    common = ["--dataset", "toy", "--output-dir", str(tmp_path / "eval"), "--batch-size", "64"]
+    report = evaluate.main(["--model", str(final), *common])
+    assert (report["settings"]["max_length"], report["settings"]["max_prompt_length"]) == (128, 64)  # the trainer's
+    assert f"truncation: --max-length 128, --max-prompt-length 64 (from the training settings in {final})" in capsys.readouterr().out
+    report = evaluate.main(["--model", str(final), "--max-length", "100", *common])
+    assert (report["settings"]["max_length"], report["settings"]["max_prompt_length"]) == (100, 64)
+    assert "(from the training settings in" in capsys.readouterr().out
+
+
+def test_a_hub_name_without_the_hub_fails_fast_with_a_hint(tmp_path, capsys, monkeypatch):
+    import time
+
+    from amapo_fast import cli
+
+    with socket.socket() as sock:  # a port that nothing listens on: refused at once, like a machine offline
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cli, "_HUB_REACHABLE", {})
+    monkeypatch.setattr("amapo_fast.model.load_policy", None)
+    started = time.perf_counter()
+    line = _user_error(capsys, evaluate.main, ["--model", "someone/some-model", "--dataset", "toy",
+                                              "--output-dir", str(tmp_path / "eval")])
+    assert time.perf_counter() - started < 20
+    assert "--model someone/some-model: not a local file or folder, and the hub" in line
+    assert "set HF_HUB_OFFLINE=1" in line
+    line = _user_error(capsys, train.main, ["--dataset_name", "someone/pairs", "--output_dir", str(tmp_path / "out")])
+    assert "--dataset_name someone/pairs: not a local file or folder" in line
+
+
+def test_resume_with_other_data_than_the_checkpoints_run_is_refused(finished_run, small_file, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    monkeypatch.setattr(train, "load_tokenizer", None)  # reached only if the check came too late
+    line = _user_error(capsys, train.main, ["--resume", str(run / "checkpoint-2"), "--dataset_name", str(small_file),
+                                            "--output_dir", str(run)])
+    assert f"--resume {run / 'checkpoint-2'}: its run used --dataset_name toy, this one {small_file}" in line
+
+
+def test_no_progress_bars_when_the_output_is_not_a_terminal(small_file, tmp_path, capfd):
+    """A run whose output goes to a file (here: captured) gets its lines and no bar, its own or a library's."""
+    train.main(["--dataset_name", str(small_file), "--output_dir", str(tmp_path / "run")])
+    evaluate.main(["--model", str(tmp_path / "run" / "final"), "--dataset", str(small_file), "--split", "test",
+                   "--output-dir", str(tmp_path / "eval")])
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "held-out ranking accuracy" in output and "ranking accuracy % [95% CI]" in output
+    for bar in ("it/s", "examples/s", "batch/s", "Loading weights", "Generating train split", "tokenizing", "\r"):
+        assert bar not in output, (bar, output[-2000:])
+
+
+def test_readme_install_lines_are_commands_and_name_the_ones_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    install = readme.split("## Install", 1)[1].split("## ", 1)[0]
+    commands = [line for line in install.splitlines() if line.startswith("pip install")]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in commands
+    assert not [line for line in commands if "<" in line], commands  # no placeholders
+    ci_torch = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if "install torch" in line]
+    assert ci_torch and all(f"`{line}`" in install for line in ci_torch), ci_torch

@@ -15,6 +15,7 @@ from amapo_fast.data import (
     load_preference_dataset,
     tokenize_preference_dataset,
 )
+from amapo_fast.errors import DataError
 from amapo_fast.model import load_policy
 from amapo_fast.toy import build_toy_tokenizer, make_toy_preference_dataset
 
@@ -192,3 +193,93 @@ def test_packed_batches_give_the_padded_log_probs(tokenizer):
     loss_padded, _ = policy(padded)
     loss_packed, _ = policy(packed)
     torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
+
+
+def test_pairs_identical_after_tokenization_are_dropped(tokenizer, caplog):
+    """Equal texts, responses cut to the same tokens, responses that map to the same unknown tokens: no preference."""
+    prefix_word = "".join(random.choices("abcdefghij", k=30))
+    rows = [
+        _conversation("Copy: ab", "ab", "ab"),  # the same string
+        _conversation("Copy: cd", prefix_word + "x", prefix_word + "y"),  # differ only past the cut
+        _conversation("Copy: ef", "é", "漢"),  # both <unk>
+        _conversation("Copy: gh", "gh", "hg"),  # kept
+        {"prompt": "2+2=", "chosen": "4", "rejected": "4"},  # plain text
+    ]
+    plain = rows.pop()
+    with caplog.at_level(logging.WARNING, logger="amapo_fast.data"):
+        encoded = tokenize_preference_dataset(Dataset.from_list(rows), tokenizer, 40, 16)
+    assert len(encoded) == 1 and encoded[0]["chosen_input_ids"] != encoded[0]["rejected_input_ids"]
+    (message,) = [record.getMessage() for record in caplog.records if "dropped" in record.getMessage()]
+    assert "dropped 3 of 4 rows (chosen and rejected are the same tokens: 3)" in message
+    with pytest.raises(ValueError, match="every one of the 2 rows was dropped"):
+        tokenize_preference_dataset(Dataset.from_list([plain, plain]), tokenizer, 40, 16)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("value, expected", [(None, "missing"), (float("nan"), "not a number"),
+                                             (float("-inf"), "not a number"), ("-3.5", "a string")])
+def test_reference_log_probs_that_are_not_finite_numbers_are_refused_naming_file_and_row(tmp_path, value, expected):
+    rows = make_toy_preference_dataset(4, seed=random.randrange(10**6)).remove_columns("task").to_list()
+    for row in rows:
+        row.update(ref_chosen_logps=-random.random() * 10, ref_rejected_logps=-random.random() * 10)
+    rows[2]["ref_rejected_logps"] = value
+    path = _write_jsonl(tmp_path / "with_ref.jsonl", rows)
+    kind = {"missing": "missing", "not a number": "a float", "a string": "a string"}[expected]
+    with pytest.raises(DataError, match=rf"with_ref.jsonl: row 2: 'ref_rejected_logps' is {kind}.*expected a finite number"):
+        load_preference_dataset(path, "train")
+
+
+def test_duplicate_keys_and_non_text_contents_are_one_line_naming_file_and_row(tmp_path):
+    rows = make_toy_preference_dataset(3, seed=random.randrange(10**6)).remove_columns("task").to_list()
+    lines = [json.dumps(row) for row in rows]
+    lines[1] = lines[1][:-1] + ', "chosen": "again"}'
+    duplicate = tmp_path / "duplicate.jsonl"
+    duplicate.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"duplicate.jsonl: line 2: key 'chosen' appears twice in one object"):
+        load_preference_dataset(str(duplicate), "train")
+
+    rows[2]["chosen"][-1]["content"] = 5
+    path = _write_jsonl(tmp_path / "number.jsonl", rows)
+    with pytest.raises(DataError, match=r"number.jsonl: row 2: 'chosen' is a message list whose 'content' '5' is not text"):
+        load_preference_dataset(path, "train")
+
+
+def test_saved_dataset_without_the_split_names_its_splits_and_slices_like_the_hub(tmp_path):
+    from datasets import DatasetDict
+
+    rows = make_toy_preference_dataset(6, seed=random.randrange(10**6)).to_list()
+    folder = tmp_path / "saved"
+    DatasetDict({"train_prefs": Dataset.from_list(rows), "test_prefs": Dataset.from_list(rows[:2])}).save_to_disk(str(folder))
+    with pytest.raises(DataError, match=r"no split 'train'; it has train_prefs, test_prefs: pass one of them as --train_split"):
+        load_preference_dataset(str(folder), "train", split_flag="--train_split")
+    assert load_preference_dataset(str(folder), "train_prefs[2:5]").to_list() == rows[2:5]
+
+
+def test_a_misspelled_split_of_a_local_file_is_refused(tmp_path):
+    path = _write_jsonl(tmp_path / "pairs.jsonl", make_toy_preference_dataset(3, seed=0).to_list())
+    with pytest.raises(DataError, match=r"--train_split trian\[:20\]: 'trian' does not name a split"):
+        load_preference_dataset(path, "trian[:20]", split_flag="--train_split")
+    for split in ("train[:2]", "test_prefs", "validation", "heldout"):
+        assert len(load_preference_dataset(path, split)) in (2, 3)
+
+
+def test_truncated_prompts_and_responses_are_counted(tokenizer, caplog):
+    long_word = "".join(random.choices("abcdefghij", k=40))
+    rows = [
+        _conversation(f"Copy: {long_word}", "ab", "ba"),  # prompt cut
+        _conversation("Copy: ab", long_word, "ab"),  # one response cut
+        _conversation("Copy: cd", "cd", "dc"),  # nothing cut
+    ]
+    with caplog.at_level(logging.WARNING, logger="amapo_fast.data"):
+        tokenize_preference_dataset(Dataset.from_list(rows), tokenizer, 30, 16)
+    (message,) = [record.getMessage() for record in caplog.records if "truncated" in record.getMessage()]
+    assert message == ("truncated 1 of 3 prompts (from the left, to --max_prompt_length 16) and 1 of 6 responses (to "
+                       "fit --max_length 30)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="amapo_fast.data"):
+        tokenize_preference_dataset(Dataset.from_list(rows[2:]), tokenizer, 30, 16)
+    assert not [record for record in caplog.records if "truncated" in record.getMessage()]

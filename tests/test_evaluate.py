@@ -348,3 +348,14 @@ def test_trained_model_beats_its_initial_checkpoint_side_by_side(toy_tokenizer, 
     diagonal_correct = sum(domain["normal"] * 3 * domain["num_items"] for domain in figures["domains"].values())
     assert diagonal_correct == pytest.approx(result["overall"]["num_correct"])
     assert figures["overall"]["avg"] > 0.5
+
+
+def test_identical_pairs_are_left_out_of_ranking_accuracy(toy_tokenizer):
+    """A pair whose two responses are the same tokens would always count as wrong: evaluation drops it."""
+    from datasets import Dataset
+
+    rows = make_toy_preference_dataset(6, seed=random.randrange(10**6)).to_list()
+    rows[1]["rejected"] = rows[1]["chosen"]
+    policy = load_policy("toy", tokenizer=toy_tokenizer, beta=2.0)
+    result = evaluate_dataset(policy, toy_tokenizer, Dataset.from_list(rows), EvalSettings(MAX_LENGTH, MAX_PROMPT_LENGTH))
+    assert result["overall"]["num_pairs"] == 5

@@ -3,6 +3,7 @@ weights, logs stay strict JSON, checkpoints are verified against their manifest,
 half-deleted checkpoint that looks complete, a second run on the same output folder is refused, a resume on
 another number of processes continues with exactly the next pairs (FSDP2) or is refused in one line
 (DeepSpeed), evaluation refuses NaN log-probs, and data errors say where."""
+import errno
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from amapo_fast.checkpoint import (
     TRAINER_STATE,
     completed_checkpoints,
     load_checkpoint,
+    resolve_resume,
     verify_checkpoint,
     write_manifest,
 )
@@ -176,6 +178,75 @@ def test_damaged_checkpoint_is_one_line(one_process_run, tmp_path, damage):
     assert "\n" not in str(raised.value)
 
 
+def _flip_a_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(checkpoint: Path, edit):
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    (checkpoint / MANIFEST).write_text(json.dumps(edit(manifest)))
+
+
+def _without(entries: dict, name: str) -> dict:
+    return {key: value for key, value in entries.items() if key != name}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["emptied manifest, changed shard", "shard's entry deleted, shard changed", "shard and its entry deleted",
+     "metadata and its entry deleted", "scheduler's entry deleted", "an rng state and its entry deleted",
+     "files is a list", "entry without a size"],
+)
+def test_a_manifest_that_does_not_vouch_for_every_file_is_refused(one_process_run, tmp_path, damage):
+    """The manifest must list every file the checkpoint needs: emptying it, or deleting a file's entry (and the
+    file), never lets a resume load different weights or die with a traceback."""
+    checkpoint = _copy_checkpoint(one_process_run / "checkpoint-2", tmp_path)
+    shard = next((checkpoint / "dcp").glob("*.distcp"))
+    shard_name = f"dcp/{shard.name}"
+    if damage == "emptied manifest, changed shard":
+        _edit_manifest(checkpoint, lambda manifest: {"files": {}})
+        _flip_a_byte(shard)
+        expected = rf"{MANIFEST} does not list {TRAINER_STATE}"
+    elif damage == "shard's entry deleted, shard changed":
+        _edit_manifest(checkpoint, lambda manifest: {"files": _without(manifest["files"], shard_name)})
+        _flip_a_byte(shard)
+        expected = rf"{MANIFEST} does not list {shard}, which the checkpoint needs"
+    elif damage == "files is a list":
+        _edit_manifest(checkpoint, lambda manifest: {"files": []})
+        expected = rf"{checkpoint / MANIFEST} holds no 'files' object"
+    elif damage == "entry without a size":
+        _edit_manifest(checkpoint, lambda manifest: {"files": {**manifest["files"], shard_name: {"xxh3_64": "0"}}})
+        expected = rf"{checkpoint / MANIFEST}: entry '{shard_name}' is not a file inside the checkpoint"
+    else:
+        name = {"shard and its entry deleted": shard_name, "metadata and its entry deleted": "dcp/.metadata",
+                "scheduler's entry deleted": "scheduler.pt", "an rng state and its entry deleted": "rng_state_0.pt"}[damage]
+        if damage != "scheduler's entry deleted":
+            (checkpoint / name).unlink()
+        _edit_manifest(checkpoint, lambda manifest: {"files": _without(manifest["files"], name)})
+        expected = rf"{MANIFEST} does not list {checkpoint / name}, which the checkpoint needs"
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {checkpoint} is damaged: {expected}") as raised:
+        main(FROZEN + ["--max_steps", "4", "--resume", str(checkpoint), "--output_dir", str(tmp_path / "out"),
+                       "--debug"])
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("resume", ["latest", "checkpoint-4"])
+def test_a_checkpoint_without_its_trainer_state_is_refused_not_passed_over(tmp_path, resume):
+    """A checkpoint-N folder holding a manifest was completed by a save: without trainer_state.json it is
+    damaged, and --resume stops in one line instead of silently resuming from the checkpoint before it."""
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / MANIFEST).write_text('{"files": {}}')
+        (tmp_path / f"checkpoint-{step}" / TRAINER_STATE).write_text("{}")
+    (tmp_path / "checkpoint-4" / TRAINER_STATE).unlink()
+    path = resume if resume == "latest" else str(tmp_path / resume)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path / 'checkpoint-4'} is damaged: it has a "
+                                              rf"{MANIFEST} but no {TRAINER_STATE}"):
+        resolve_resume(path, str(tmp_path))
+
+
 class _FakeEngine:
     """Stands for an engine in save_checkpoint: one small 'shard' file per save."""
 
@@ -211,6 +282,72 @@ def test_rotation_killed_halfway_leaves_nothing_that_looks_complete(tmp_path, mo
     assert completed_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-4")]
 
 
+class _FullDiskEngine(_FakeEngine):
+    def save(self, directory):
+        os.makedirs(os.path.join(directory, "dcp"))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_abandons_the_checkpoint_and_keeps_the_earlier_ones(tmp_path):
+    import torch.distributed as dist
+
+    from amapo_fast.checkpoint import save_checkpoint
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        save_checkpoint(_FakeEngine(), str(tmp_path), 2, {"global_step": 2}, 1, 0)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint-4 abandoned: the disk holding {tmp_path} is full "
+                                                  r"\(\[Errno 28\] No space left on device\); its partial files were "
+                                                  rf"removed.*the last checkpoint saved before it is "
+                                                  rf"{tmp_path / 'checkpoint-2'}\)") as raised:
+            save_checkpoint(_FullDiskEngine(), str(tmp_path), 4, {"global_step": 4}, 1, 0)
+    finally:
+        dist.destroy_process_group()
+    assert "\n" not in str(raised.value)
+    assert completed_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-2")]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-2"]
+    verify_checkpoint(str(tmp_path / "checkpoint-2"))
+
+
+# What torch.save's zip writer raises when the disk takes fewer bytes than it wrote.
+SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("what", ["checkpoint-4", "final"])
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, monkeypatch, what):
+    """The trainer's own saves: the scheduler state of checkpoint-4 (torch.save), or final/'s weights."""
+    import transformers.modeling_utils
+
+    output_dir = tmp_path / "out"
+    if what == "final":
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+        detail = r"\[Errno 28\] No space left on device"
+    else:
+        real_save = torch.save
+
+        def full(obj, path, *args, **kwargs):
+            if f"{what}.tmp" in str(path):
+                raise RuntimeError(SHORT_WRITE)
+            return real_save(obj, path, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", full)
+        detail = re.escape(SHORT_WRITE)
+    target = output_dir / what
+    with pytest.raises(CheckpointError, match=rf"^{'checkpoint-4' if what != 'final' else target} abandoned: the "
+                                              rf"disk holding {output_dir} is full \({detail}\)"):
+        main(FROZEN + ["--max_steps", "4", "--save_total_limit", "1", "--save_final", "true", "--output_dir",
+                       str(output_dir), "--debug"])
+    expected = ["checkpoint-2", "checkpoint-4"] if what == "final" else ["checkpoint-2"]
+    assert completed_checkpoints(str(output_dir)) == [str(output_dir / name) for name in expected[-1:]]
+    assert not [path.name for path in output_dir.iterdir() if path.name.endswith((".tmp", ".partial"))]
+    assert not (output_dir / "final").exists()
+    verify_checkpoint(str(output_dir / expected[-1]))
+    assert max(_train_losses(output_dir)) == 4
+
+
 def test_second_run_on_a_busy_output_dir_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from amapo_fast.guard import OutputDirLock\n"
@@ -232,6 +369,57 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_dead_holder_is_taken_o
     with OutputDirLock(str(tmp_path), True):  # and taken over
         pass
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+class _KilledWhileWriting:
+    """A file whose writes never happen: stands for a kill (or a full disk) right after it was opened."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.close()
+
+    def write(self, text):
+        raise KeyboardInterrupt
+
+    writelines = write
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def test_resuming_rewrites_the_log_atomically(tmp_path, monkeypatch):
+    """A resumed run drops the log records after its checkpoint; killed while doing so, the log stays whole."""
+    import builtins
+    from types import SimpleNamespace
+
+    from amapo_fast import train
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in range(1, 7)))
+    before = log.read_text()
+    config = SimpleNamespace(output_dir=str(tmp_path), report_to="none", run_name=None)
+    env = SimpleNamespace(is_main=True)
+
+    def open_killed_while_writing(file, mode="r", *args, **kwargs):
+        handle = builtins.open(file, mode, *args, **kwargs)
+        return _KilledWhileWriting(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(train, "open", open_killed_while_writing, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        train.Loggers(config, env, total_steps=8, start_step=4)
+    assert log.read_text() == before
+    monkeypatch.undo()
+
+    loggers = train.Loggers(config, env, total_steps=8, start_step=4)
+    loggers.log(5, {"loss": 0.5})
+    loggers.close()
+    assert [record["step"] for record in _strict_records(tmp_path)] == [1, 2, 3, 4, 5]
+    assert not (tmp_path / "log.jsonl.tmp").exists()
 
 
 # --- a different number of processes --------------------------------------------------------------------
