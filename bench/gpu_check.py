@@ -54,7 +54,7 @@ TINY_HEAD = dict(dim=64, vocab=512)
 
 
 GRACE_S = 5  # SIGINT this long before a stage's limit, then SIGKILL: pytest writes its JUnit file on SIGINT
-PIN_CONFIG = {"AMAPO_PIN_KERNEL_CONFIG": "1"}  # kernels/autotune.py: one config per kernel, no tuning
+PIN_CONFIG = {"AMAPO_KERNEL_CONFIG": "first"}  # kernels/tuning.py: the first fitting config, no tuning
 # Whole train steps of several methods (bench/train_step.py: FlexAttention's compile, a recompile per
 # micro-batch size, TRL's trainers) need minutes; the trainer stage already times real steps of ours.
 TRAIN_STEP_SKIPPED = ("skipped: bench/train_step.py's methods do not fit in what the 8 minutes leave after the "

@@ -57,11 +57,10 @@ def median_ms(fn, reps, device):
     return statistics.median(times)
 
 
-def compiled_kernels(autotuned):
-    """What Triton compiled for an autotuned kernel: config, registers, spills, shared memory (GPU only)."""
-    config = getattr(autotuned, "best_config", None)
+def compiled_kernels(tuned):
+    """What Triton compiled for a tuned kernel: registers, spills, shared memory, warps, stages (GPU only)."""
     found = []
-    for cache in getattr(autotuned.fn, "device_caches", {}).values():
+    for cache in getattr(tuned.fn, "device_caches", {}).values():
         kernels = cache[0] if isinstance(cache, tuple) else cache
         for kernel in getattr(kernels, "values", lambda: [])():
             metadata = getattr(kernel, "metadata", None)
@@ -72,7 +71,7 @@ def compiled_kernels(autotuned):
                 "num_warps": getattr(metadata, "num_warps", None),
                 "num_stages": getattr(metadata, "num_stages", None),
             })
-    return {"best_config": None if config is None else str(config), "compiled": found}
+    return found
 
 
 def accumulate_way(device):
@@ -134,9 +133,12 @@ def profile_shape(num_tokens, dim, vocab, device, dtype, reps):
     d_weight = torch.empty_like(chunk)
     rows.append(gemm_row("dW GEMM", flops_chunk, median_ms(lambda: torch.mm(scratch.T, hidden, out=d_weight), reps, device),
                          median_ms(lambda: torch.mm(scratch.T, hidden), reps, device)))
+    from amapo_fast.kernels import tuning
+
     kernels = {
-        "lse_forward": compiled_kernels(lse_forward._lse_partials_kernel),
-        "dlogits_backward": compiled_kernels(dlogits_backward._dlogits_kernel),
+        "chosen (tuning key -> config, how)": tuning.chosen_configs(),
+        "compiled lse_forward": compiled_kernels(lse_forward._lse_partials_kernel),
+        "compiled dlogits_backward": compiled_kernels(dlogits_backward._dlogits_kernel),
     }
     return {"tokens": num_tokens, "dim": dim, "vocab": vocab, "chunk_columns": columns,
             "chunks": -(-vocab // columns), "rows": rows, "kernels": kernels}

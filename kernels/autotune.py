@@ -15,7 +15,6 @@ Nothing here resets or restores kernel arguments between benchmark runs: both ke
 outputs (no accumulation), so running a config twice is harmless and no hook touches an absent (None)
 argument such as the bias of a bias-free head.
 """
-import os
 from typing import NamedTuple
 
 import torch
@@ -25,8 +24,6 @@ from ..vocab_chunks import token_bucket
 from .inputs import dot_precision
 from .tiles import INTERPRET
 
-# Set to 1, every kernel launches with one fixed config: no autotuning at all.
-PIN_CONFIG_VARIABLE = "AMAPO_PIN_KERNEL_CONFIG"
 # Shared memory per block (opt-in maximum) of the GPUs the kernels are checked for ahead of time.
 SHARED_LIMIT = {"sm_80": 166_912, "sm_90": 232_448}
 
@@ -67,10 +64,6 @@ else:
     )
     # BLOCK_N candidates per dtype: (small batches, large batches); see token_block_size.
     TOKEN_BLOCKS = {torch.float32: (32, 64), torch.bfloat16: (64, 128), torch.float16: (64, 128)}
-    if os.environ.get(PIN_CONFIG_VARIABLE) == "1":
-        # One config for both kernels, so nothing is benchmarked (a GPU test run that must not spend its
-        # time tuning); it fits sm_80 and sm_90 and both forward variants' tile limits.
-        FORWARD_CONFIGS = BACKWARD_CONFIGS = _configs([(128, 64, 8, 8, 3)])
 
 # Logit-tile limits (elements per program) of the forward: the lean variant keeps two fp32 numbers per
 # token besides the dot accumulator; the metrics variant (entropy, target-is-argmax) keeps two more and

@@ -45,8 +45,7 @@ def _prune_forward(configs, named_args, **kwargs):
     return prune_for_device(configs, named_args, max_tile=max_tile, **kwargs)
 
 
-# The two variants are tuned apart (TOKEN_METRICS, a constexpr, is part of the tuning key): their register
-# needs differ.
+# The two variants are tuned apart: TOKEN_METRICS, a constexpr of the launch, is part of the tuning key.
 @autotune("lse_forward", FORWARD_CONFIGS, ["n_bucket", "V", "D"], _prune_forward)
 @triton.jit
 def _lse_partials_kernel(

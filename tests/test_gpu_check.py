@@ -41,7 +41,7 @@ def test_stage_order_and_budget():
     stages = {stage.name: stage for stage in gpu_check.STAGES}
     assert sum(stage.limit_s for stage in gpu_check.STAGES) <= 8 * 60
     assert stages["kernel-profile"].limit_s <= 60
-    assert stages["kernel-tests"].env == {"AMAPO_PIN_KERNEL_CONFIG": "1"}
+    assert stages["kernel-tests"].env == {"AMAPO_KERNEL_CONFIG": "first"}
     assert "-v" in gpu_check._kernel_tests(gpu_check.parse_args([]), Path("out"))
 
 
