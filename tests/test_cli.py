@@ -315,8 +315,9 @@ def test_evaluate_says_what_a_wrong_model_folder_is_and_what_to_pass(finished_ru
         (finished_run, f"a training run's output folder; its trained model is {finished_run / 'final'}"),
         (finished_run / "checkpoint-2", "a training checkpoint (sharded training state), not a model folder: pass "
                                         "the run's final/ folder, or export this checkpoint to a model folder with "
-                                        "python -m amapo_fast.export"),
-        (unfinished, "without a final/ model"),
+                                        f"python -m amapo_fast.export {finished_run / 'checkpoint-2'} FOLDER"),
+        (unfinished, f"without a final/ model (the run has not finished, or ran with --save_final false): export one "
+                     f"of its checkpoints to a model folder with python -m amapo_fast.export {unfinished / 'checkpoint-N'}"),
         (broken, "model.safetensors is cut short"),
         (no_config, "no config.json, so not a model folder"),
         (finished_run / "missing" / "final", "no such file or folder"),
