@@ -194,7 +194,9 @@ class PreferencePolicy(nn.Module):
             hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         if sequence_logps:
             return self.head(hidden, labels, cu_seqlens=cu_seqlens, sequence_logps=True)
-        return self.head(hidden, labels, ref_logps=batch.get("ref_logps"), cu_seqlens=cu_seqlens)
+        return self.head(
+            hidden, labels, ref_logps=batch.get("ref_logps"), cu_seqlens=cu_seqlens, kto_kl=batch.get("kto_kl")
+        )
 
     def _prefix_shared_forward(self, batch, sequence_logps):
         config = self.causal_lm.config
@@ -207,7 +209,9 @@ class PreferencePolicy(nn.Module):
         tokens = prefix.response_tokens(batch, hidden.shape[0])
         if sequence_logps:
             return self.head(hidden, None, sequence_logps=True, token_index=tokens)
-        return self.head(hidden, None, ref_logps=batch.get("ref_logps"), token_index=tokens)
+        return self.head(
+            hidden, None, ref_logps=batch.get("ref_logps"), token_index=tokens, kto_kl=batch.get("kto_kl")
+        )
 
     @torch.no_grad()
     def sequence_logps(self, batch):

@@ -390,7 +390,10 @@ def main(argv=None):
         text = render({**env, **report.machine_load()}, setup, rows_out)
         (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "setup": setup, "results": rows_out}, indent=1))
         (args.out / f"{stem}.md").write_text(text)
-        plot(rows_out, args.out / f"{stem}.png")
+        model = setup["model"]
+        plot(rows_out, args.out / f"{stem}.png",
+             f"One training step per method: Llama D={model['hidden_size']}, {model['num_hidden_layers']} layers, "
+             f"V={model['vocab_size']}, {setup['dtype']}, {env['device_name']} ({env['device']})")
         return text
 
     def each(phase, measure):
@@ -503,8 +506,8 @@ def render(env, setup, rows):
     return "".join(lines)
 
 
-def plot(rows, path: Path):
-    """pairs/s and step peak memory per method, one column per workload."""
+def plot(rows, path: Path, title: str):
+    """pairs/s and step peak memory per method, one column per workload, under `title` (what was measured where)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,6 +526,7 @@ def plot(rows, path: Path):
             axis.set_xlabel(label)
             if line == 0:
                 axis.set_title(workload)
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
