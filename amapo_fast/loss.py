@@ -116,11 +116,11 @@ class ResponseTokens:
 
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend):
+    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend, one_pass):
         response_hidden = tokens.gather(hidden)
         # A frozen head (no gradient for weight or bias): pass 1 also forms dH's basis and pass 2 is skipped.
-        ctx.frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        if ctx.frozen:
+        ctx.frozen = one_pass
+        if one_pass:
             pass1, basis = frozen_head.token_logprobs_and_basis(response_hidden, weight, bias, tokens.targets)
         else:
             pass1, basis = backend.token_logprobs(response_hidden, weight, bias, tokens.targets), None
@@ -171,6 +171,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             d_hidden,
             d_weight if ctx.needs_input_grad[1] else None,
             d_bias if ctx.needs_input_grad[2] else None,
+            None,
             None,
             None,
             None,
@@ -347,7 +348,9 @@ def linear_preference_loss(
         return reference_preference_loss(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens, **objective_kwargs
         )
-    loss, metric_values = _FusedPreferenceLoss.apply(hidden, weight, bias, tokens, objective_kwargs, _backend(impl))
+    loss, metric_values = _FusedPreferenceLoss.apply(
+        hidden, weight, bias, tokens, objective_kwargs, _backend(impl), frozen_head.applies(hidden, weight, bias)
+    )
     return loss, dict(zip(METRIC_KEYS, metric_values.unbind()))
 
 
