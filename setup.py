@@ -26,6 +26,8 @@ setup(
         "pyyaml",
         "matplotlib",
     ],
+    # torchrun for the trainer: settings checked before the workers start, the worker's exit status at the end.
+    entry_points={"console_scripts": ["amapo-train = amapo_fast.launch:main"]},
     extras_require={
         # ZeRO-3 loading partitions weights as they load via transformers' HfDeepSpeedConfig, which needs accelerate.
         "deepspeed": ["deepspeed>=0.15", "accelerate"],
@@ -36,6 +38,9 @@ setup(
         "cut-cross-entropy": ["cut-cross-entropy"],
         # TRL's CPOTrainer and DPOTrainer, compared in bench/train_step.py when installed.
         "trl": ["trl>=1.0"],
-        "dev": ["pytest", "pytest-timeout", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil"],
+        # LoRA adapters (--use_peft); QLoRA's 4-bit base (--load_in_4bit, CUDA only) also needs bitsandbytes.
+        "peft": ["peft>=0.13"],
+        "qlora": ["peft>=0.13", "bitsandbytes>=0.43"],
+        "dev": ["pytest", "pytest-timeout", "liger-kernel>=0.5", "deepspeed>=0.15", "accelerate", "psutil", "peft>=0.13"],
     },
 )

@@ -9,6 +9,7 @@ and xxh3-64 hash of every other file), both written after every rank has finishe
 checkpoint unless the manifest lists, and matches, the trainer state and every file that it names. `output_dir` must be visible to every node (a shared
 filesystem) for multi-node runs.
 """
+import errno
 import json
 import os
 import posixpath
@@ -19,9 +20,10 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .errors import CheckpointError
-from .guard import check_finite_weights
+from .guard import check_finite_weights, last_checkpoint_text
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TEMPORARY_SUFFIX = ".tmp"
@@ -32,6 +34,9 @@ MANIFEST = "manifest.json"
 # The trainer state's list of every file the save wrote, which the manifest must vouch for on resume.
 CHECKPOINT_FILES = "checkpoint_files"
 HASH_BLOCK_BYTES = 1 << 24
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's zip writer reports a write the disk could not take by the stream position it expected.
+SHORT_WRITE = re.compile(r"unexpected pos \d+ vs \d+|file write failed|No space left on device|Disk quota exceeded")
 
 
 def completed_checkpoints(output_dir: str) -> list[str]:
@@ -231,9 +236,79 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _WriteFailed(Exception):
+    """Some rank could not write its part of a save: (rank, disk-full error or None, first line) per failure."""
+
+    def __init__(self, failures: list, local: BaseException | None):
+        super().__init__(failures)
+        self.failures, self.local = failures, local
+
+
+def _disk_full(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain (or among DCP's per-rank failures) that says the disk is full, if any."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        if isinstance(current, RuntimeError) and SHORT_WRITE.search(str(current)):
+            return current
+        if isinstance(current, CheckpointException):
+            pending.extend(failure[0] if isinstance(failure, tuple) else failure for failure in current.failures.values())
+        pending.extend((current.__cause__, current.__context__))
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _agreed(write):
+    """Run this rank's share of a save's writing; raise _WriteFailed on every rank if any rank failed (instead
+    of leaving the others waiting at the next collective). Collective."""
+    rank, _ = _rank_world()
+    try:
+        write()
+        failure = None
+    except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+        failure = error
+    report = None if failure is None else (rank, _disk_full(failure) is not None, _first_line(_disk_full(failure) or failure))
+    failures = [item for item in _gather(report) if item is not None]
+    if failures:
+        raise _WriteFailed(failures, failure)
+
+
+def _abandoned(failed: _WriteFailed, what: str, output_dir: str) -> BaseException:
+    """The error every rank raises for a save that failed: one line when the disk is full; otherwise this rank's
+    own error, or a RuntimeError naming the rank that failed."""
+    full = [detail for _, is_full, detail in failed.failures if is_full]
+    if full:
+        return CheckpointError(
+            f"{what} abandoned: the disk holding {output_dir} is full ({full[0]}); its partial files were removed, "
+            f"and the earlier checkpoints and the log are untouched ({last_checkpoint_text(output_dir)}). Free "
+            "some space (or lower --save_total_limit), then continue with --resume"
+        )
+    if failed.local is not None:
+        return failed.local
+    rank, _, detail = failed.failures[0]
+    return RuntimeError(f"rank {rank} could not write {what}: {detail}")
+
+
+def _write_trainer_state(temporary: str, trainer_state: dict):
+    trainer_state = {**trainer_state, CHECKPOINT_FILES: _files(temporary)}
+    with open(os.path.join(temporary, TRAINER_STATE), "w", encoding="utf-8") as handle:
+        json.dump(trainer_state, handle, indent=2)
+
+
 def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, keep_last: int, rank: int) -> str:
     """Every rank writes its part into checkpoint-N.tmp; rank 0 writes the trainer state, every rank hashes a
-    share of the files for the manifest, and rank 0 renames the folder to checkpoint-N, then rotates."""
+    share of the files for the manifest, and rank 0 renames the folder to checkpoint-N, then rotates. When a
+    rank cannot write (a full disk), every rank stops, the temporary folder is removed, and nothing older is
+    touched."""
     check_finite_weights(engine.policy, f"checkpoint-{step}")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     temporary = final + TEMPORARY_SUFFIX
@@ -242,17 +317,16 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, kee
         for name in os.listdir(output_dir):  # left over from a crash during a rotation
             if CHECKPOINT_PATTERN.match(name.removesuffix(DELETING_SUFFIX)) and name.endswith(DELETING_SUFFIX):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-        os.makedirs(temporary)
-    dist.barrier()
-    engine.save(temporary)
-    torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        trainer_state = {**trainer_state, CHECKPOINT_FILES: _files(temporary)}
-        with open(os.path.join(temporary, TRAINER_STATE), "w", encoding="utf-8") as handle:
-            json.dump(trainer_state, handle, indent=2)
-    dist.barrier()
-    write_manifest(temporary)
+    try:
+        _agreed(lambda: os.makedirs(temporary) if rank == 0 else None)
+        _agreed(lambda: (engine.save(temporary),
+                         torch.save(rng_state(), os.path.join(temporary, f"rng_state_{rank}.pt"))))
+        _agreed(lambda: _write_trainer_state(temporary, trainer_state) if rank == 0 else None)
+        _agreed(lambda: write_manifest(temporary))
+    except _WriteFailed as failed:
+        if rank == 0:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise _abandoned(failed, f"checkpoint-{step}", output_dir) from failed.local
     if rank == 0:
         if os.path.exists(final):  # a checkpoint of the same step from before a resume
             _remove(final)
@@ -310,23 +384,39 @@ def _readable_like_new_files(directory: str):
             os.chmod(path, 0o666 & ~umask)
 
 
-def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int):
-    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads.
+def save_pretrained(engine, policy, tokenizer, directory: str, dtype: torch.dtype, rank: int, base_model: str = "",
+                    merge_adapters: bool = False):
+    """A Hugging Face folder (safetensors weights, config, tokenizer) that from_pretrained loads; for a policy
+    with adapters a peft adapter folder on `base_model`, or with `merge_adapters` the merged model's folder.
 
     Written beside `directory` and renamed into place once complete, so a run killed while saving leaves
     no folder that looks finished (an older `directory` stays until the new one replaces it)."""
     check_finite_weights(engine.policy, directory)
     state = engine.full_state_dict()  # collective: every rank takes part
-    if rank == 0:
+    partial = directory.rstrip(os.sep) + ".partial"
+
+    def write():
         prefix = "causal_lm."
         weights = {key[len(prefix):]: value.to(dtype) for key, value in state.items() if key.startswith(prefix)}
         causal_lm = policy.causal_lm
         causal_lm.config.dtype = dtype
-        partial = directory.rstrip(os.sep) + ".partial"
         shutil.rmtree(partial, ignore_errors=True)
-        causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
+        if policy.peft_model is not None:
+            from .adapters import write_adapter_folder
+
+            write_adapter_folder(policy.peft_model, weights, partial, base_model, merge=merge_adapters)
+        else:
+            causal_lm.save_pretrained(partial, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         _readable_like_new_files(partial)
+
+    try:
+        _agreed(write if rank == 0 else lambda: None)
+    except _WriteFailed as failed:
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise _abandoned(failed, directory, os.path.dirname(directory.rstrip(os.sep)) or ".") from failed.local
+    if rank == 0:
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(partial, directory)
     dist.barrier()

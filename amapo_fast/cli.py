@@ -59,6 +59,41 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def progress_bars() -> bool:
+    """Whether to draw progress bars: on a terminal only; in a log file every redraw would be a line of its own."""
+    return sys.stderr.isatty()
+
+
+def quiet_library_progress():
+    """Turn off the libraries' own bars ('Generating train split', 'Loading weights', 'Writing model shards'):
+    the commands draw one bar per long phase themselves (tokenizing, training, evaluating)."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    huggingface_hub.utils.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:  # an image without datasets still trains on tensors and evaluates nothing
+        return
+    datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def datasets_progress():
+    """datasets' bar for the block (a long map such as tokenization), on a terminal only."""
+    import datasets
+
+    if not progress_bars():
+        yield
+        return
+    datasets.enable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.disable_progress_bars()
+
+
 def add_debug_flag(parser: argparse.ArgumentParser):
     parser.add_argument(
         DEBUG_FLAG, action="store_true", help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)"
@@ -123,6 +158,34 @@ def require_existing_if_local(name: str, flag: str):
         or ("/" in name and os.path.isdir(first))
     ):
         raise UserError(f"{flag} {name}: no such file or folder")
+    require_hub_reachable(name, flag)
+
+
+_HUB_REACHABLE = {}  # endpoint -> None when reachable, else why not (asked once per process)
+
+
+def require_hub_reachable(name: str, flag: str, timeout: float = 3.0):
+    """A hub name needs the hub: without a network the libraries retry for half a minute before failing, so
+    the hub's host is asked once, briefly. HF_HUB_OFFLINE=1 (the local cache only) skips the question."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return
+    import socket
+    import urllib.parse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if endpoint not in _HUB_REACHABLE:
+        url = urllib.parse.urlsplit(endpoint)
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            _HUB_REACHABLE[endpoint] = None
+        except OSError as error:
+            _HUB_REACHABLE[endpoint] = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    if _HUB_REACHABLE[endpoint] is not None:
+        raise UserError(
+            f"{flag} {name}: not a local file or folder, and the hub ({endpoint}) cannot be reached "
+            f"({_HUB_REACHABLE[endpoint]}): pass a local path, or set HF_HUB_OFFLINE=1 to load it from the local "
+            "Hugging Face cache"
+        )
 
 
 EXPORT_HINT = "export one to a model folder with python -m amapo_fast.export"
@@ -142,12 +205,14 @@ def check_model_folder(path: str, flag: str):
     if "config.json" in names:
         _check_weights(path, names, flag)
         return
+    if "adapter_config.json" in names:  # a peft adapter folder: its config names the base model
+        return
     if names & {"trainer_state.json", "dcp", "manifest.json"} or re.fullmatch(r"checkpoint-\d+(\.tmp)?", os.path.basename(os.path.normpath(path))):
         raise UserError(
             f"{flag} {path}: a training checkpoint (sharded training state), not a model folder: pass the run's "
             f"final/ folder, or {EXPORT_HINT.replace('one', 'this checkpoint')}"
         )
-    if os.path.isfile(os.path.join(path, "final", "config.json")):
+    if any(os.path.isfile(os.path.join(path, "final", name)) for name in ("config.json", "adapter_config.json")):
         raise UserError(f"{flag} {path}: a training run's output folder; its trained model is {os.path.join(path, 'final')}")
     if "log.jsonl" in names or any(re.fullmatch(r"checkpoint-\d+", name) for name in names):
         raise UserError(

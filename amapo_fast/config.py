@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from .cli import ArgumentParser, HelpFormatter, UserError, add_debug_flag, both_spellings
 from .loss import IMPLS
-from .objective import LOSS_TYPES, MAX_BETA, STATS_SCOPES
+from .losses import LOSSES
+from .objective import LOSS_TYPES, MAX_BETA, STATS_SCOPES, resolve_loss_params
 from .sft import SFT_DEFAULTS
 
 BACKENDS = ("fsdp2", "deepspeed")
@@ -31,6 +32,8 @@ OPTIONAL_PACKAGES = {
 STAGES = ("preference", "sft")
 # Per stage, the fields whose defaults differ from the ones below (values: defaults < stage < --config < flags).
 STAGE_DEFAULTS = {"sft": SFT_DEFAULTS}
+# The loss types' own keywords that are settings (KTO's kto_kl is estimated per batch by the trainer).
+CONFIG_LOSS_PARAMS = ("slic_delta", "nll_weight", "desirable_weight", "undesirable_weight")
 
 
 def _field(default, help_text, choices=None):
@@ -74,10 +77,16 @@ class TrainConfig:
     )
 
     # Loss (see the README for the exact formulas).
-    loss_type: str = _field("amapo", "AMaPO, an ablation of it, SimPO or DPO", LOSS_TYPES)
+    loss_type: str = _field(
+        "amapo", "AMaPO, an ablation of it, or a baseline: SimPO, DPO, SLiC, IPO, CPO, ORPO, KTO (docs/train.md)", LOSS_TYPES
+    )
     beta: float = _field(2.0, "beta of the loss")
     label_smoothing: float = _field(0.0, "label smoothing eps in [0, 0.5]")
     gamma_beta_ratio: float = _field(0.0, "SimPO's target margin gamma/beta")
+    slic_delta: float | None = _field(None, "SLiC's hinge margin on the summed log-prob gap; none: 1.0")
+    nll_weight: float | None = _field(None, "weight of the chosen responses' NLL in SLiC and CPO; none: 0.1 (slic), 1.0 (cpo)")
+    desirable_weight: float | None = _field(None, "KTO's weight of the chosen (desirable) term; none: 1.0")
+    undesirable_weight: float | None = _field(None, "KTO's weight of the rejected (undesirable) term; none: 1.0")
     stats_scope: str = _field("global", "AMaPO statistics over every rank's pairs (global) or this rank's", STATS_SCOPES)
     loss_impl: str = _field("auto", "auto = triton on CUDA, chunked on CPU; reference materialises logits", IMPLS)
 
@@ -94,6 +103,17 @@ class TrainConfig:
         "liger-kernel is installed; a no-op on CPU"
     )
     cpu_offload: bool = _field(False, "offload parameters and optimizer state to CPU (FSDP2 CPUOffloadPolicy / ZeRO-3)")
+
+    # Adapters (peft): LoRA on the frozen model instead of training every weight.
+    use_peft: bool = _field(False, "train LoRA adapters (peft); the base model and the lm_head stay frozen")
+    lora_r: int = _field(16, "LoRA rank")
+    lora_alpha: float = _field(32.0, "LoRA alpha (the adapters' output is scaled by alpha / r)")
+    lora_dropout: float = _field(0.05, "dropout on the adapters' input, in [0, 1)")
+    lora_target_modules: str = _field(
+        "all-linear", "comma-separated names of the modules that get adapters; all-linear: every linear layer of the decoder"
+    )
+    load_in_4bit: bool = _field(False, "QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (CUDA only; with --use_peft)")
+    merge_adapters: bool = _field(False, "final/ holds the model with the adapters merged in, not an adapter folder")
 
     # Optimisation.
     learning_rate: float = _field(3e-3, "peak learning rate of AdamW")
@@ -199,7 +219,10 @@ def _fits(value, base, optional: bool) -> bool:
 def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="torchrun amapo_fast/train.py",
-        description="Train a causal LM with AMaPO, an ablation, SimPO or DPO. Values: defaults < --config YAML < flags.",
+        description=(
+            "Train a causal LM with AMaPO, an ablation or a baseline (SimPO, DPO, SLiC, IPO, CPO, ORPO, KTO). "
+            "Values: defaults < --config YAML < flags."
+        ),
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file of field: value (see configs/)")
@@ -266,6 +289,18 @@ def validate(config: TrainConfig) -> TrainConfig:
     _refuse_unless(0 <= config.label_smoothing <= 0.5, "label_smoothing", config.label_smoothing, "must lie in [0, 0.5]")
     _refuse_unless(math.isfinite(config.gamma_beta_ratio), "gamma_beta_ratio", config.gamma_beta_ratio, "must be finite")
     _refuse_unless(config.beta <= MAX_BETA, "beta", config.beta, f"must be at most {MAX_BETA:g}")
+    loss_params = {name: getattr(config, name) for name in CONFIG_LOSS_PARAMS}
+    if LOSSES[config.loss_type].needs_kl:
+        loss_params["kto_kl"] = 0.0  # the trainer estimates it per batch
+    try:
+        resolve_loss_params(config.loss_type, config.label_smoothing, config.gamma_beta_ratio, loss_params)
+    except ValueError as error:
+        raise UserError(f"--loss_type {config.loss_type}: {error}") from error
+    if LOSSES[config.loss_type].needs_kl and config.per_device_train_batch_size < 2:
+        raise UserError(
+            f"--loss_type {config.loss_type} pairs each prompt with another pair's response to estimate its KL term: "
+            "--per_device_train_batch_size must be at least 2"
+        )
     _refuse_unless(
         config.max_steps >= -1, "max_steps", config.max_steps,
         "must be a positive number of optimizer steps, or -1 to take num_train_epochs",
@@ -286,12 +321,34 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise UserError("--prefix_sharing shares a pair's prompt between its two responses; --stage sft has no pairs")
     if config.resume and config.overwrite_output_dir:
         raise UserError("--resume continues the run in output_dir, --overwrite_output_dir deletes it: choose one")
+    _validate_adapters(config)
     for (name, value), (module, extra) in OPTIONAL_PACKAGES.items():
         if getattr(config, name) == value and importlib.util.find_spec(module) is None:
             raise UserError(f"--{name} {value} needs the {module} package: pip install -e \".[{extra}]\" (or pip install {extra})")
     if config.eval_split in ("", "none"):
         config.eval_split = None
     return config
+
+
+def _validate_adapters(config: TrainConfig):
+    _refuse_unless(config.lora_r > 0, "lora_r", config.lora_r, "must be positive")
+    _refuse_unless(0 < config.lora_alpha < math.inf, "lora_alpha", config.lora_alpha, "must be positive")
+    _refuse_unless(0 <= config.lora_dropout < 1, "lora_dropout", config.lora_dropout, "must lie in [0, 1)")
+    names = [name.strip() for name in config.lora_target_modules.split(",") if name.strip()]
+    _refuse_unless(bool(names), "lora_target_modules", repr(config.lora_target_modules), "names no module")
+    # The fused loss head reads the lm_head weight itself: an adapter there would be left out of the loss.
+    _refuse_unless(
+        "lm_head" not in names, "lora_target_modules", config.lora_target_modules,
+        "the lm_head stays frozen (the fused loss head reads its weight); leave lm_head out",
+    )
+    for flag in ("load_in_4bit", "merge_adapters"):
+        if getattr(config, flag) and not config.use_peft:
+            raise UserError(f"--{flag} applies to adapter training: add --use_peft")
+    if config.load_in_4bit and config.merge_adapters:
+        raise UserError(
+            "--merge_adapters cannot merge into a 4-bit base: keep the adapter folder and merge it onto the "
+            "full-precision model with peft"
+        )
 
 
 # What a trained model's config.json records of its training (key TRAINING_RECORD), for evaluation's defaults.
@@ -301,3 +358,27 @@ RECORDED_FIELDS = ("max_length", "max_prompt_length", "loss_type", "beta", "data
 
 def training_record(config: TrainConfig) -> dict:
     return {name: getattr(config, name) for name in RECORDED_FIELDS}
+
+
+# Settings a resumed run must share with the run that wrote the checkpoint: another model or other data would
+# continue the optimizer state and the data position of a different run.
+RESUME_MUST_MATCH = ("model_name_or_path", "dataset_name", "dataset_config_name", "train_split")
+
+
+def check_resume_matches(config: TrainConfig, checkpoint: str):
+    """Refuse resuming a checkpoint with another model or other data than its run's (its trainer_state.json
+    records the run's settings; an unreadable one is left to the checkpoint's own checks)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as handle:
+            saved = json.load(handle)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name in RESUME_MUST_MATCH:
+        if name in saved and saved[name] != getattr(config, name):
+            raise UserError(
+                f"--resume {checkpoint}: its run used --{name} {saved[name]}, this one {getattr(config, name)}: pass "
+                f"the same --{name} to continue it, or start a new run in another --output_dir"
+            )

@@ -17,6 +17,7 @@ import re
 import torch
 
 from . import prefix
+from .cli import datasets_progress
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -380,7 +381,8 @@ def _check_columns(dataset):
     missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"preference dataset is missing column(s) {missing}; it has {dataset.column_names}. Expected "
+            f"preference dataset is missing column(s) {missing}; it has "
+            f"{[column for column in dataset.column_names if column != SOURCE_ROW]}. Expected "
             "'chosen' and 'rejected' (message lists or strings), plus 'prompt' unless chosen/rejected include "
             "the user turn"
         )
@@ -428,14 +430,15 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length: int, max_prompt_
         | {column: Sequence(Value("int32")) for column in TOKENIZED_COLUMNS}
         | {column: dataset.features[column] for column in keep}
     )
-    encoded = dataset.map(
-        encoder,
-        with_indices=True,
-        remove_columns=[column for column in dataset.column_names if column not in keep],
-        features=features,
-        num_proc=num_proc,
-        desc="tokenizing preference pairs",
-    )
+    with datasets_progress():  # the one bar of this phase, on a terminal
+        encoded = dataset.map(
+            encoder,
+            with_indices=True,
+            remove_columns=[column for column in dataset.column_names if column not in keep],
+            features=features,
+            num_proc=num_proc,
+            desc="tokenizing preference pairs",
+        )
     reasons = encoded["drop_reason"]
     _report_dropped(dataset, reasons)
     if all(reasons):

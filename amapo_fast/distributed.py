@@ -122,6 +122,30 @@ def cosine_schedule(optimizer, optim: OptimConfig):
     return LambdaLR(optimizer, factor)
 
 
+def trainable_parameters(model) -> list:
+    """The parameters the optimizer updates: all of them, or only the adapters when the base is frozen."""
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+
+def _checkpoint_options(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Loading is strict unless frozen weights were left out on purpose.
+    everything_trains = all(parameter.requires_grad for parameter in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=everything_trains)
+
+
+def _trainable_state(model, optimizer) -> tuple[dict, dict]:
+    """DCP's model and optimizer state without frozen weights (an adapter run's base is not saved again: a
+    resumed run loads it as it started). Every name of a shared frozen weight is left out, the fused head's
+    alias of the lm_head weight included, which torch's own filter keeps."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_checkpoint_options(model))
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {key: value for key, value in model_state.items() if key not in frozen}, optimizer_state
+
+
 class Fsdp2Engine:
     """FSDP2: `fully_shard` per decoder layer, then the root; fp32 master weights, bf16 compute if asked."""
 
@@ -129,7 +153,7 @@ class Fsdp2Engine:
         self.env, self.optim = env, optim
         self.policy = self.model = self._load_sharded(load)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=optim.learning_rate, betas=optim.betas, eps=optim.eps,
+            trainable_parameters(self.model), lr=optim.learning_rate, betas=optim.betas, eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
         self.scheduler = cosine_schedule(self.optimizer, optim)
@@ -138,7 +162,8 @@ class Fsdp2Engine:
         """Rank 0 alone reads the weights; the others build the model on the meta device (no host memory) and
         receive their shards from rank 0 once the model is sharded. Random init ('toy') is rank 0's, too."""
         policy = load(empty=not self.env.is_main)
-        policy.requires_grad_(trainable)
+        if not trainable:  # a trainable policy keeps what its loader froze (the base under adapters)
+            policy.requires_grad_(False)
         # Taken before sharding, while rank 0's parameters are still whole; released once broadcast.
         full_state = policy.state_dict() if self.env.is_main else {}
         self._shard(policy)
@@ -203,22 +228,22 @@ class Fsdp2Engine:
 
     def save(self, directory: str):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = _trainable_state(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(directory, "dcp"))
         if self.env.is_main:
             torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
 
     def load(self, directory: str):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = _trainable_state(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))
         set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+            options=_checkpoint_options(self.model),
         )
         self.scheduler.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
         # The optimizer state carries the rate the saved run's schedule set for its next step; a resumed run
@@ -292,7 +317,7 @@ class DeepSpeedEngine:
         self.policy = load()
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.policy,
-            model_parameters=[p for p in self.policy.parameters() if p.requires_grad],
+            model_parameters=trainable_parameters(self.policy),
             config=self.config,
             lr_scheduler=lambda optimizer: cosine_schedule(optimizer, optim),
         )
@@ -324,10 +349,14 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None else float("nan")
 
     def save(self, directory: str):
-        self.model.save_checkpoint(directory, tag="deepspeed")
+        # Frozen weights (an adapter run's base) are not saved again: a resumed run loads them as it started.
+        self.model.save_checkpoint(directory, tag="deepspeed", exclude_frozen_parameters=True)
 
     def load(self, directory: str):
-        path, _ = self.model.load_checkpoint(directory, tag="deepspeed", load_lr_scheduler_states=True)
+        frozen = len(trainable_parameters(self.policy)) < len(list(self.policy.parameters()))
+        path, _ = self.model.load_checkpoint(
+            directory, tag="deepspeed", load_lr_scheduler_states=True, load_module_strict=not frozen
+        )
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (tag 'deepspeed') to resume from")
 

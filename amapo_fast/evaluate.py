@@ -7,7 +7,8 @@ under no-grad, with the training tokenization (`data.tokenize_preference_dataset
 Library entry points (stable; the trainer's periodic evaluation calls them):
   `eval_dataloader(tokenized, collator, batch_size)`  this rank's length-sorted share of a tokenized set
   `score_pairs(model, dataloader)`  -> `PairScores`, every rank's pairs gathered in dataset order
-  `ranking_summary(scores, beta)`   -> dict: accuracy, 95% Wilson interval, mean reward margin, counts
+  `ranking_summary(scores, beta)`   -> dict: accuracy, 95% Wilson interval, mean reward margin, counts, and
+                                       the paper's Table 1 figures under AMaPO's split (`amapo_dynamics`)
   `evaluate_ranking(model, dataloader, beta=...)` = `ranking_summary(score_pairs(...))`
 `model` is anything whose `model(batch, sequence_logps=True)` returns per-row summed response log-probs
 and response-token counts ([2B] each, chosen rows first): a `PreferencePolicy`, the same policy sharded by
@@ -43,10 +44,13 @@ from .cli import (
     check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
+    progress_bars,
+    quiet_library_progress,
     require_existing_if_local,
     user_errors,
 )
 from .errors import NonFiniteError
+from .objective import DYNAMICS_KEYS, preference_objective
 
 # Two-sided 95% normal quantile, for the Wilson score interval.
 Z_95 = 1.959963984540054
@@ -153,7 +157,8 @@ def score_pairs(model, dataloader, *, desc: str = "ranking eval", progress: bool
     was_training = model.training
     model.eval()
     sums, counts = [], []
-    for batch in tqdm(dataloader, desc=desc, unit="batch", disable=not progress or rank != 0, dynamic_ncols=True):
+    bar = progress and rank == 0 and progress_bars()
+    for batch in tqdm(dataloader, desc=desc, unit="batch", disable=not bar, dynamic_ncols=True):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         row_sums, row_counts = model(batch, sequence_logps=True)
         sums.append(row_sums.detach().double().cpu().view(2, -1))  # [chosen rows; rejected rows]
@@ -214,6 +219,11 @@ def ranking_summary(scores: PairScores, beta: float = 1.0) -> dict:
     delta = scores.chosen_mean - scores.rejected_mean
     correct = int((delta > 0).sum())
     low, high = wilson_interval(correct, len(scores))
+    # The paper's Table 1 over the whole set, with AMaPO's split (r = beta * delta, gamma its adaptive margin).
+    _, metrics = preference_objective(
+        torch.cat([scores.chosen_logps, scores.rejected_logps]), torch.cat([scores.chosen_tokens, scores.rejected_tokens]),
+        beta=beta, loss_type="amapo", stats_scope="local",
+    )
     return {
         "ranking_accuracy": correct / len(scores),
         "ranking_accuracy_ci95_low": low,
@@ -224,6 +234,7 @@ def ranking_summary(scores: PairScores, beta: float = 1.0) -> dict:
         "num_pairs": len(scores),
         "num_correct": correct,
         "beta": beta,
+        "amapo_dynamics": {key.split("/", 1)[1]: float(metrics[key]) for key in DYNAMICS_KEYS},
     }
 
 
@@ -357,6 +368,9 @@ def _report_rows(result: dict) -> dict:
         "mean log-prob chosen / rejected": f"{overall['logps_chosen_mean']:.3f} / {overall['logps_rejected_mean']:.3f}",
         "pairs": str(overall["num_pairs"]),
     }
+    cases = " / ".join(_percent(overall["amapo_dynamics"][f"case{k}"]) for k in range(1, 5))
+    rows["AMaPO's Table 1 cases 1 / 2 / 3 / 4 %"] = cases
+    rows["AMaPO misranked gradient share %"] = _percent(overall["amapo_dynamics"]["misranked_grad_share"])
     for name, summary in result.get("subsets", {}).items():
         rows[f"{result['subset_column']}={name}: accuracy % (pairs)"] = (
             f"{_percent(summary['ranking_accuracy'])} ({summary['num_pairs']})"
@@ -545,6 +559,7 @@ def main(argv=None) -> dict:
     from .model import load_policy, load_tokenizer
 
     args = parse_args(argv)
+    quiet_library_progress()
     names = args.compare or [args.model]
     labels = [_label(name) for name in names]
     if len(set(labels)) != len(labels):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import chunked, frozen_head
-from .objective import METRIC_KEYS, preference_objective, token_metrics, validate_objective_args
+from .objective import METRIC_KEYS, SEQUENCE_METRIC_KEYS, preference_objective, token_metrics, validate_objective_args
 from .reference import reference_preference_loss, reference_sequence_logps
 
 IMPLS = ("auto", "triton", "chunked", "reference")
@@ -24,7 +24,7 @@ IMPLS = ("auto", "triton", "chunked", "reference")
 def _triton_backend():
     # Imported lazily: triton is only needed for impl="triton".
     from .kernels.dlogits_backward import token_grads
-    from .kernels.lse_forward import token_logprobs
+    from .kernels.forward import token_logprobs
 
     return SimpleNamespace(token_logprobs=token_logprobs, token_grads=token_grads)
 
@@ -114,24 +114,29 @@ class ResponseTokens:
         return _add_rows(token_values.new_zeros(self.num_rows), self.sequence, token_values)
 
 
+def _metric_keys(with_token_metrics: bool):
+    """The metric keys a call returns: the token-level ones only when asked for."""
+    return METRIC_KEYS if with_token_metrics else SEQUENCE_METRIC_KEYS
+
+
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend, one_pass):
+    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend, with_token_metrics, one_pass):
         response_hidden = tokens.gather(hidden)
         # A frozen head (no gradient for weight or bias): pass 1 also forms dH's basis and pass 2 is skipped.
         ctx.frozen = one_pass
         if one_pass:
             pass1, basis = frozen_head.token_logprobs_and_basis(response_hidden, weight, bias, tokens.targets)
         else:
-            pass1, basis = backend.token_logprobs(response_hidden, weight, bias, tokens.targets), None
+            pass1 = backend.token_logprobs(response_hidden, weight, bias, tokens.targets, token_metrics=with_token_metrics)
+            basis = None
 
         with torch.enable_grad():
             sums = tokens.sequence_sums(pass1.logp).detach().requires_grad_(True)
             loss, metrics = preference_objective(sums, tokens.counts, **objective_kwargs)
             (d_sums,) = torch.autograd.grad(loss, sums)
-        metrics.update(
-            token_metrics(*(tokens.sequence_sums(v) for v in pass1[2:]), tokens.counts)
-        )
+        if with_token_metrics:
+            metrics.update(token_metrics(*(tokens.sequence_sums(v) for v in pass1[2:]), tokens.counts))
         # Each token's log-prob enters its sequence's sum with weight 1.
         coef = d_sums.to(pass1.logp.dtype)[tokens.sequence]
         # The matrix products only read response rows; a non-finite value elsewhere in hidden (prompt,
@@ -142,7 +147,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
         ctx.save_for_backward(response_hidden, weight, bias, pass1.lse, coef, basis)
         ctx.tokens, ctx.backend, ctx.hidden_shape = tokens, backend, hidden.shape
-        metric_values = torch.stack([metrics[key] for key in METRIC_KEYS])
+        metric_values = torch.stack([metrics[key] for key in _metric_keys(with_token_metrics)])
         ctx.mark_non_differentiable(metric_values)
         return loss.detach(), metric_values
 
@@ -175,6 +180,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -200,7 +206,8 @@ def _validate_head(hidden, weight, bias):
 
 
 def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
-    """Shape, dtype, device and label checks that name the offending tensor. Returns the number of rows."""
+    """Shape, dtype and device checks that name the offending tensor (label values: _bad_labels). Returns the
+    number of rows."""
     _validate_head(hidden, weight, bias)
     vocab = weight.shape[0]
     if not isinstance(labels, torch.Tensor):
@@ -231,20 +238,29 @@ def _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens):
             )
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be [2B + 1] boundaries, got shape {tuple(cu_seqlens.shape)}")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != hidden.shape[0] or bool((cu_seqlens.diff() < 0).any()):
+        # One host sync for the three checks (the packed layout only).
+        first, last, falls = torch.stack([cu_seqlens[0], cu_seqlens[-1], (cu_seqlens.diff() < 0).any()]).tolist()
+        if first != 0 or last != hidden.shape[0] or falls:
             raise ValueError(f"cu_seqlens must rise from 0 to N={hidden.shape[0]}, got {cu_seqlens.tolist()}")
         rows = cu_seqlens.numel() - 1
-
-    check_labels(labels, vocab, ignore_index)
     return rows
 
 
+def _bad_labels(labels, vocab, ignore_index):
+    """Where labels lie outside [0, V) and are not ignore_index (a tensor: no host sync here)."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+
+
+def _raise_bad_label(labels, bad, vocab, ignore_index):
+    value = int(labels[bad][0])
+    raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+
+
 def check_labels(labels, vocab, ignore_index):
-    """Every label is ignore_index or a vocabulary id, else an error naming the first bad value."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):  # one device sync per call: the price of naming a bad label before a kernel reads it
-        value = int(labels[bad][0])
-        raise ValueError(f"labels contain {value}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    """Every label is ignore_index or a vocabulary id, else an error naming the first bad value (one host sync)."""
+    bad = _bad_labels(labels, vocab, ignore_index)
+    if bool(bad.any()):
+        _raise_bad_label(labels, bad, vocab, ignore_index)
 
 
 def _check_pair_rows(rows):
@@ -283,10 +299,15 @@ def _tokens_by_sequence(hidden, tokens):
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows), tokens.targets[order], cu_seqlens
 
 
-def _check_every_row_has_response(counts):
-    empty = (counts == 0).nonzero().flatten()
-    if empty.numel():
-        rows = empty.tolist()
+def _check_labels_and_rows(labels, bad, counts, vocab, ignore_index):
+    """Bad labels (bad: from _bad_labels, or None for a token list) and sequences without a response token
+    are user errors, named before any kernel reads a target: one host sync for both checks."""
+    any_bad, any_empty = torch.stack([bad.any() if bad is not None else counts.new_zeros((), dtype=torch.bool),
+                                      (counts == 0).any()]).tolist()  # fmt: skip
+    if any_bad:
+        _raise_bad_label(labels, bad, vocab, ignore_index)
+    if any_empty:
+        rows = (counts == 0).nonzero().flatten().tolist()
         raise ValueError(
             f"sequence row(s) {rows[:8]} have no response token (every label is ignore_index): "
             "their length-normalised log-prob is undefined; drop such pairs from the batch"
@@ -309,8 +330,10 @@ def linear_preference_loss(
     impl="auto",
     cu_seqlens=None,
     token_index=None,
+    token_metrics=True,
+    **loss_params,
 ):
-    """AMaPO (or an ablation, SimPO, DPO) loss straight from the last hidden states.
+    """AMaPO (or an ablation, SimPO, DPO, SLiC, IPO, CPO, ORPO, KTO) loss straight from the last hidden states.
 
     hidden [2B, T, D]: rows 0..B-1 chosen, rows B..2B-1 rejected, same pair order; labels [2B, T] already
     shifted (labels[:, t] is predicted from hidden[:, t]), ignore_index on prompt and padding. Packed
@@ -320,15 +343,22 @@ def linear_preference_loss(
     sequences (prefix sharing: chosen and rejected continue one shared prompt).
     Returns (loss, metrics): the mean loss over this rank's pairs and a dict of detached 0-dim fp32
     metrics over this rank's pairs and response tokens, keyed by METRIC_KEYS (the keys TRL and the
-    AMaPO authors log). README.md states the loss exactly.
+    AMaPO authors log). README.md states the loss exactly. token_metrics=False leaves out the token-level
+    metrics (mean logit, entropy, token accuracy; only SEQUENCE_METRIC_KEYS are returned): the forward
+    then runs its lean variant, which only forms each token's log-sum-exp. The loss and gradients are the
+    same either way.
+    loss_params: the loss type's own keywords (slic_delta, nll_weight, desirable_weight, undesirable_weight,
+    kto_kl; amapo_fast/losses declares them with their defaults); None means the default.
     """
+    bad = None
     if token_index is None:
         rows = _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+        bad = _bad_labels(labels, weight.shape[0], ignore_index)
     else:
         rows = _validate_token_index(hidden, weight, bias, labels, cu_seqlens, token_index)
     _check_pair_rows(rows)
     validate_objective_args(
-        beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device, gamma_beta_ratio
+        beta, loss_type, label_smoothing, stats_scope, ref_logps, rows, hidden.device, gamma_beta_ratio, **loss_params
     )
     objective_kwargs = dict(
         beta=beta,
@@ -337,21 +367,29 @@ def linear_preference_loss(
         gamma_beta_ratio=gamma_beta_ratio,
         ref_logps=ref_logps,
         stats_scope=stats_scope,
+        **loss_params,
     )
     impl = _resolve_impl(impl, hidden.device)
+    # Host syncs of a call: the response tokens' positions (a data-dependent shape), the label and row
+    # checks, and, inside the objective, the margin's branch on a degenerate group (docs/kernels.md).
     tokens = token_index if token_index is not None else ResponseTokens(labels, ignore_index, cu_seqlens)
-    _check_every_row_has_response(tokens.counts)
-    if impl == "reference" and token_index is not None:
-        token_hidden, targets, token_cu_seqlens = _tokens_by_sequence(hidden, tokens)
-        return reference_preference_loss(token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens, **objective_kwargs)
+    _check_labels_and_rows(labels, bad, tokens.counts, weight.shape[0], ignore_index)
     if impl == "reference":
-        return reference_preference_loss(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens, **objective_kwargs
-        )
+        if token_index is not None:
+            token_hidden, targets, token_cu_seqlens = _tokens_by_sequence(hidden, tokens)
+            loss, metrics = reference_preference_loss(
+                token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens, **objective_kwargs
+            )
+        else:
+            loss, metrics = reference_preference_loss(
+                hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens, **objective_kwargs
+            )
+        return loss, {key: metrics[key] for key in _metric_keys(token_metrics)}
     loss, metric_values = _FusedPreferenceLoss.apply(
-        hidden, weight, bias, tokens, objective_kwargs, _backend(impl), frozen_head.applies(hidden, weight, bias)
+        hidden, weight, bias, tokens, objective_kwargs, _backend(impl), bool(token_metrics),
+        frozen_head.applies(hidden, weight, bias),
     )
-    return loss, dict(zip(METRIC_KEYS, metric_values.unbind()))
+    return loss, dict(zip(_metric_keys(token_metrics), metric_values.unbind()))
 
 
 @torch.no_grad()
@@ -372,12 +410,15 @@ def sequence_logps(
             return reference_sequence_logps(token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens)
     else:
         _validate_inputs(hidden, weight, labels, bias, ignore_index, cu_seqlens)
+        bad = _bad_labels(labels, weight.shape[0], ignore_index)
+        if bool(bad.any()):
+            _raise_bad_label(labels, bad, weight.shape[0], ignore_index)
     if impl == "reference":
         return reference_sequence_logps(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens
         )
     tokens = token_index if token_index is not None else ResponseTokens(labels, ignore_index, cu_seqlens)
-    pass1 = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets)
+    pass1 = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets, token_metrics=False)
     return tokens.sequence_sums(pass1.logp), tokens.counts
 
 
@@ -402,9 +443,12 @@ class LinearPreferenceHead(nn.Module):
         self.bias = bias
         self.loss_kwargs = loss_kwargs
 
-    def forward(self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False, token_index=None):
+    def forward(
+        self, hidden, labels, ref_logps=None, cu_seqlens=None, sequence_logps=False, token_index=None, kto_kl=None
+    ):
         """(loss, metrics); or, with sequence_logps=True, per-row (summed log-probs, token counts) without
         grad for evaluation. Both go through forward so that ZeRO-3 gathers the weight for either.
+        `kto_kl`: KTO's KL estimate for this batch (a per-batch input, unlike the loss keywords given at init).
         `token_index`: an explicit token list in place of labels (see linear_preference_loss)."""
         if sequence_logps:
             return _sequence_logps(
@@ -419,5 +463,5 @@ class LinearPreferenceHead(nn.Module):
             )
         return linear_preference_loss(
             hidden, self.weight, labels, bias=self.bias, ref_logps=ref_logps, cu_seqlens=cu_seqlens,
-            token_index=token_index, **self.loss_kwargs
+            token_index=token_index, **self.loss_kwargs, **({} if kto_kl is None else {"kto_kl": kto_kl})
         )

@@ -5,6 +5,7 @@
 entry point goes through `forward` (the root module) and the head's own `forward`: FSDP2 unshards a
 module's parameters, and ZeRO-3 gathers them, only when that module's forward runs.
 """
+import functools
 import importlib
 import importlib.util
 import logging
@@ -12,7 +13,7 @@ import logging
 import torch
 from torch import nn
 
-from . import prefix
+from . import adapters, prefix
 from .loss import LinearPreferenceHead
 
 TOY = "toy"  # the embedded default's name for the model and tokenizer (see toy.py)
@@ -91,19 +92,29 @@ def load_causal_lm(
     empty=False,
     prefix_sharing=False,
     liger_kernels=True,
+    load_in_4bit=False,
 ):
-    """An `AutoModelForCausalLM` with dropout off; 'toy' builds the tiny random-init Llama of toy.py.
+    """An `AutoModelForCausalLM` with dropout off; 'toy' builds the tiny random-init Llama of toy.py; a peft
+    adapter folder is its base model with the adapters merged in.
 
     `empty=True` builds the architecture on the meta device: no memory, no weights read. FSDP2's
     ranks other than 0 do so and receive their shards of rank 0's weights once the model is sharded.
     `prefix_sharing=True` picks an attention implementation that takes prefix sharing's mask.
     `liger_kernels`: Liger-Kernel's trunk kernels on CUDA when installed (`apply_liger_trunk_kernels`); the
-    account of what was applied is the model's `liger_status` attribute.
+    account of what was applied is the model's `liger_status` attribute. `load_in_4bit`: QLoRA's 4-bit base.
     """
     from transformers import AutoModelForCausalLM
 
+    if name_or_path != TOY and adapters.is_adapter_folder(name_or_path):
+        load_base = functools.partial(
+            load_causal_lm, tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation, empty=empty,
+            prefix_sharing=prefix_sharing, liger_kernels=liger_kernels,
+        )
+        return adapters.load_adapter_folder(name_or_path, load_base)
     config = _model_config(name_or_path, tokenizer)
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attn_implementation(attn_implementation, prefix_sharing))
+    if load_in_4bit:
+        kwargs["quantization_config"] = adapters.quantization_config()
     if empty:
         with torch.device("meta"):
             causal_lm = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -154,12 +165,15 @@ class PreferencePolicy(nn.Module):
     `batch` is a `PreferenceCollator` batch: padded (`input_ids`, `attention_mask`, `labels` [2B, T]),
     packed (`input_ids`, `position_ids`, `labels` [1, N], `cu_seqlens`) or prefix-shared (keys of
     prefix.py: the attention mask is built here, on the model's device), with `ref_logps` [2B] for DPO.
-    The head shares the lm_head parameters (with tied embeddings, the input embedding's too).
+    The head shares the lm_head parameters (with tied embeddings, the input embedding's too). `peft_model`: the
+    peft wrapper of `causal_lm` when it carries adapters (kept out of the module tree: it holds the same
+    modules), else None.
     """
 
-    def __init__(self, causal_lm, **loss_kwargs):
+    def __init__(self, causal_lm, peft_model=None, **loss_kwargs):
         super().__init__()
         self.causal_lm = causal_lm
+        object.__setattr__(self, "peft_model", peft_model)
         self.head = LinearPreferenceHead(causal_lm.get_output_embeddings(), **loss_kwargs)
 
     @property
@@ -180,7 +194,9 @@ class PreferencePolicy(nn.Module):
             hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         if sequence_logps:
             return self.head(hidden, labels, cu_seqlens=cu_seqlens, sequence_logps=True)
-        return self.head(hidden, labels, ref_logps=batch.get("ref_logps"), cu_seqlens=cu_seqlens)
+        return self.head(
+            hidden, labels, ref_logps=batch.get("ref_logps"), cu_seqlens=cu_seqlens, kto_kl=batch.get("kto_kl")
+        )
 
     def _prefix_shared_forward(self, batch, sequence_logps):
         config = self.causal_lm.config
@@ -193,7 +209,9 @@ class PreferencePolicy(nn.Module):
         tokens = prefix.response_tokens(batch, hidden.shape[0])
         if sequence_logps:
             return self.head(hidden, None, sequence_logps=True, token_index=tokens)
-        return self.head(hidden, None, ref_logps=batch.get("ref_logps"), token_index=tokens)
+        return self.head(
+            hidden, None, ref_logps=batch.get("ref_logps"), token_index=tokens, kto_kl=batch.get("kto_kl")
+        )
 
     @torch.no_grad()
     def sequence_logps(self, batch):
@@ -211,16 +229,18 @@ def load_policy(
     empty=False,
     prefix_sharing=False,
     liger_kernels=True,
+    adapter_settings=None,
     policy_class=None,
     **loss_kwargs,
 ) -> PreferencePolicy:
     """Load a causal LM and wrap it as a `PreferencePolicy`; loss_kwargs go to `linear_preference_loss`
     (beta, loss_type, label_smoothing, gamma_beta_ratio, stats_scope, impl). `empty`, `prefix_sharing`,
     `liger_kernels`: see `load_causal_lm`. `policy_class` replaces PreferencePolicy (the SFT stage's SftPolicy takes
-    `impl` only)."""
+    `impl` only). `adapter_settings` (adapters.AdapterSettings): LoRA adapters on the frozen model."""
     causal_lm = load_causal_lm(
         name_or_path, tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation, empty=empty,
         prefix_sharing=prefix_sharing, liger_kernels=liger_kernels,
+        load_in_4bit=adapter_settings is not None and adapter_settings.load_in_4bit,
     )
     if gradient_checkpointing:
         # Non-reentrant recomputation (works with FSDP2 and ZeRO-3); transformers 5 renamed the switch.
@@ -228,7 +248,13 @@ def load_policy(
             causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return (policy_class or PreferencePolicy)(causal_lm, **loss_kwargs)
+    peft_model = None
+    if adapter_settings is not None:
+        peft_model = adapters.add_adapters(causal_lm, adapter_settings, gradient_checkpointing)
+    policy = (policy_class or PreferencePolicy)(causal_lm, **loss_kwargs)
+    # The peft wrapper of causal_lm when it carries adapters, kept out of the module tree (it holds the same modules).
+    object.__setattr__(policy, "peft_model", peft_model)
+    return policy
 
 
 def decoder_layers(causal_lm) -> list[nn.Module]:

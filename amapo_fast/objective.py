@@ -1,4 +1,4 @@
-"""The B-sized stage: per-sequence log-probs -> statistics, adaptive margin, loss and metrics.
+"""The B-sized stage: per-sequence log-probs -> statistics, the loss type's per-pair terms, loss and metrics.
 
 Everything here works on a handful of numbers per pair, so it is plain PyTorch shared by every
 implementation (reference, chunked, Triton). The fused paths get the per-token gradient coefficients
@@ -8,19 +8,28 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-AMAPO_TYPES = ("amapo", "amapo_no_znorm", "amapo_no_exp", "amapo_no_adaptive", "amapo_no_zero")
-LOSS_TYPES = AMAPO_TYPES + ("simpo", "dpo")
+from .losses import LOSS_PARAMS, LOSSES, PairLogps
+
+LOSS_TYPES = tuple(LOSSES)
 STATS_SCOPES = ("global", "local")
 
-# exp() of the margin's exponent is capped here so that no finite input can give an infinite margin
-# (e^80 ~ 5.5e34 is far beyond any margin that carries information; below the cap the math is exact).
-MAX_MARGIN_EXPONENT = 80.0
 # Recipes use beta of 0.01 to 10. Above 1000 the capped margin (beta * e^80) and the loss can overflow the
 # fp32 loss and metrics, so no finite input could be promised a finite loss.
 MAX_BETA = 1000.0
 
+# The paper's Table 1, per micro-batch: the fraction of pairs in each case (correctly ranked means r > 0; cases 1
+# and 3 have r >= gamma), the share of the gradient magnitude that goes to misranked pairs, and the mean
+# gradient magnitude of correctly ranked and of misranked pairs (0 when the micro-batch has none of them).
+DYNAMICS_KEYS = (
+    "dynamics/case1",
+    "dynamics/case2",
+    "dynamics/case3",
+    "dynamics/case4",
+    "dynamics/misranked_grad_share",
+    "dynamics/grad_correct_mean",
+    "dynamics/grad_misranked_mean",
+)
 # Pair-level metrics (what preference_objective returns), with the keys TRL and the authors' trainer log.
 SEQUENCE_METRIC_KEYS = (
     "rewards/chosen",
@@ -33,7 +42,8 @@ SEQUENCE_METRIC_KEYS = (
     "rewards/batch_margin_mean",
     "loss/margin",
     "margin/zero_fraction",
-)
+    "nll_loss",
+) + DYNAMICS_KEYS
 # Token-level metrics over response tokens (token_metrics): the mean logit of chosen and rejected
 # responses, the mean entropy of the predictive distribution, and the fraction of tokens whose target
 # has the largest logit.
@@ -63,32 +73,6 @@ def gather_statistics_group(delta: torch.Tensor, stats_scope: str) -> torch.Tens
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
 
-def adaptive_margin(delta: torch.Tensor, group: torch.Tensor, beta: float, loss_type: str):
-    """AMaPO's detached margin m_i and the group mean mu, for an AMaPO loss type."""
-    delta = delta.detach()
-    mu = group.mean()
-    if group.numel() < 2:
-        return torch.zeros_like(delta), mu
-    sd = group.std(unbiased=True)
-    if not bool(torch.isfinite(sd)) or float(sd) == 0.0:
-        # Degenerate group: our documented rule is no margin at all (the authors' code has no guard).
-        return torch.zeros_like(delta), mu
-    gap = mu - delta  # > 0 exactly for the pairs ranked below the batch mean
-    if loss_type == "amapo":
-        margin = beta * torch.exp(torch.clamp(mu * gap / sd, max=MAX_MARGIN_EXPONENT))
-    elif loss_type == "amapo_no_znorm":
-        margin = beta * torch.exp(torch.clamp(mu * gap, max=MAX_MARGIN_EXPONENT))
-    elif loss_type == "amapo_no_exp":
-        margin = beta * mu * gap / sd
-    elif loss_type == "amapo_no_adaptive":
-        margin = beta * mu * gap
-    elif loss_type == "amapo_no_zero":
-        return beta * torch.exp(torch.clamp(mu * gap / sd, max=MAX_MARGIN_EXPONENT)), mu
-    else:
-        raise ValueError(f"loss_type={loss_type!r} has no adaptive margin")
-    return torch.where(delta < mu, margin, torch.zeros_like(margin)), mu
-
-
 def preference_objective(
     seq_logp_sums: torch.Tensor,
     seq_lengths: torch.Tensor,
@@ -99,45 +83,36 @@ def preference_objective(
     gamma_beta_ratio: float = 0.0,
     ref_logps: torch.Tensor | None = None,
     stats_scope: str = "global",
+    **loss_params,
 ):
     """Loss and metrics from per-sequence summed log-probs.
 
     seq_logp_sums [2B]: summed response log-probs, chosen rows first then rejected rows, same pair order.
     seq_lengths [2B]: number of response tokens of each row.
+    loss_params: the loss type's own keywords (slic_delta, nll_weight, desirable_weight, undesirable_weight,
+    kto_kl; see amapo_fast/losses); None or absent means the loss type's default.
     Returns (loss, metrics): loss is the mean over this rank's pairs; metrics are detached 0-dim fp32
     tensors over this rank's pairs (the trainer averages them over ranks).
     Differentiable with respect to seq_logp_sums; the margin and the group statistics are detached.
     """
-    num_pairs = seq_logp_sums.shape[0] // 2
+    loss_def = LOSSES[loss_type]
+    params = resolve_loss_params(loss_type, label_smoothing, gamma_beta_ratio, loss_params)
     # Compute in float64: the stage is tiny and this keeps the fused paths' coefficients exact.
     sums = seq_logp_sums.double()
-    if loss_type == "dpo":
-        scores = sums  # DPO scores summed log-probs
-    else:
-        scores = sums / seq_lengths.to(sums)
-    chosen, rejected = scores[:num_pairs], scores[num_pairs:]
+    pairs = PairLogps(sums, seq_lengths.to(sums), None if ref_logps is None else ref_logps.double())
+    chosen, rejected = loss_def.scores(pairs)
     delta = chosen - rejected
 
     group = gather_statistics_group(delta, stats_scope)
-    if loss_type in AMAPO_TYPES:
-        margin, mu = adaptive_margin(delta, group, beta, loss_type)
-        rewards_chosen, rewards_rejected = beta * chosen, beta * rejected
-    else:
-        mu = group.mean()
-        if loss_type == "simpo":
-            margin = torch.full_like(delta, beta * gamma_beta_ratio)
-            rewards_chosen, rewards_rejected = beta * chosen, beta * rejected
-        else:  # dpo: rewards are measured against the frozen reference model
-            ref = ref_logps.double()
-            rewards_chosen = beta * (chosen - ref[:num_pairs])
-            rewards_rejected = beta * (rejected - ref[num_pairs:])
-            margin = torch.zeros_like(delta)
-
-    z = rewards_chosen - rewards_rejected - margin
-    per_pair = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
-    loss = per_pair.mean().to(torch.promote_types(seq_logp_sums.dtype, torch.float32))
+    mu = group.mean()
+    terms = loss_def.terms(pairs, chosen, rejected, delta, group, beta=beta, label_smoothing=label_smoothing, **params)
+    loss = terms.per_pair.mean()
+    if terms.extra is not None:
+        loss = loss + terms.extra
+    loss = loss.to(torch.promote_types(seq_logp_sums.dtype, torch.float32))
 
     with torch.no_grad():
+        rewards_chosen, rewards_rejected, margin = terms.rewards_chosen, terms.rewards_rejected, terms.margin
         reward_margins = (rewards_chosen - rewards_rejected).detach()
         values = {
             "rewards/chosen": rewards_chosen.mean(),
@@ -150,9 +125,60 @@ def preference_objective(
             "rewards/batch_margin_mean": beta * mu,
             "loss/margin": margin.mean(),
             "margin/zero_fraction": (margin == 0).double().mean(),
+            "nll_loss": pairs.chosen_nll(),
+            **dynamics_metrics(terms.r, terms.gamma, terms.grad),
         }
         metrics = {key: values[key].detach().float() for key in SEQUENCE_METRIC_KEYS}
     return loss, metrics
+
+
+@torch.no_grad()
+def dynamics_metrics(r: torch.Tensor, gamma: torch.Tensor, grad: torch.Tensor) -> dict:
+    """DYNAMICS_KEYS from each pair's ranking score r, margin gamma and gradient magnitude |d loss_i / d z_i|."""
+    correct, above = r > 0, r >= gamma
+    cases = (correct & above, correct & ~above, ~correct & above, ~correct & ~above)
+    values = {f"dynamics/case{k}": case.double().mean() for k, case in enumerate(cases, 1)}
+    grad = grad.double()
+    total = grad.sum()
+    misranked = torch.where(correct, 0.0, grad).sum()
+    # No gradient at all (every hinge inactive, say): no share goes to misranked pairs.
+    share = misranked / total.clamp(min=torch.finfo(total.dtype).tiny)
+    values["dynamics/misranked_grad_share"] = torch.where(total > 0, share, 0.0)
+    for name, mask in (("correct", correct), ("misranked", ~correct)):
+        count = mask.sum()
+        values[f"dynamics/grad_{name}_mean"] = torch.where(mask, grad, 0.0).sum() / count.clamp(min=1)
+    return values
+
+
+def resolve_loss_params(loss_type, label_smoothing, gamma_beta_ratio, loss_params) -> dict:
+    """The loss type's own keywords, its defaults filled in; a keyword of another loss type (not None) is refused."""
+    loss_def = LOSSES[loss_type]
+    for name, value in loss_params.items():
+        if name not in LOSS_PARAMS:
+            raise TypeError(f"unknown loss keyword {name!r}: the loss types take {', '.join(LOSS_PARAMS)}")
+        if value is not None and name not in loss_def.params:
+            owners = [t for t, loss in LOSSES.items() if name in loss.params]
+            raise ValueError(f"{name} is a parameter of loss_type {' / '.join(owners)}, not of loss_type={loss_type!r}")
+    if label_smoothing and not loss_def.label_smoothing:
+        raise ValueError(f"label_smoothing={label_smoothing}: loss_type={loss_type!r} takes no label smoothing")
+    given = {name: value for name, value in loss_params.items() if value is not None}
+    if "gamma_beta_ratio" in loss_def.params:
+        given["gamma_beta_ratio"] = gamma_beta_ratio
+    params = {**loss_def.params, **given}
+    missing = [name for name, value in params.items() if value is None]
+    if missing == ["kto_kl"]:
+        raise ValueError(
+            "loss_type='kto' needs kto_kl: the batch's KL estimate, max(0, mean policy minus reference log-prob of "
+            "mismatched prompt/completion pairs), a float or a 0-dim tensor"
+        )
+    for name, value in params.items():
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name}={float(value)}: must be finite")
+        if name.endswith("_weight") and float(value) < 0:
+            raise ValueError(f"{name}={float(value)}: must be >= 0")
+    return params
 
 
 @torch.no_grad()
@@ -175,7 +201,7 @@ def token_metrics(mean_logit_sums, entropy_sums, argmax_hit_sums, seq_lengths) -
 
 
 def validate_objective_args(
-    beta, loss_type, label_smoothing, stats_scope, ref_logps, num_rows, device, gamma_beta_ratio=0.0
+    beta, loss_type, label_smoothing, stats_scope, ref_logps, num_rows, device, gamma_beta_ratio=0.0, **loss_params
 ):
     """Clear errors for the stage's scalar arguments, before any heavy work is done."""
     if loss_type not in LOSS_TYPES:
@@ -188,9 +214,12 @@ def validate_objective_args(
         raise ValueError(f"gamma_beta_ratio={gamma_beta_ratio}: must be finite")
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing={label_smoothing}: must lie in [0, 0.5]")
-    if loss_type == "dpo":
+    resolve_loss_params(loss_type, label_smoothing, gamma_beta_ratio, loss_params)
+    if LOSSES[loss_type].needs_reference:
         if ref_logps is None:
-            raise ValueError("loss_type='dpo' needs ref_logps: the reference model's summed log-probs, shape [2B]")
+            raise ValueError(
+                f"loss_type={loss_type!r} needs ref_logps: the reference model's summed log-probs, shape [2B]"
+            )
         if not isinstance(ref_logps, torch.Tensor):
             raise TypeError(f"ref_logps must be a torch.Tensor of shape ({num_rows},), got {type(ref_logps).__name__}")
         if ref_logps.shape != (num_rows,):
@@ -200,4 +229,5 @@ def validate_objective_args(
         if not bool(torch.isfinite(ref_logps).all()):
             raise ValueError("ref_logps contains NaN or inf")
     elif ref_logps is not None:
-        raise ValueError(f"ref_logps is only used by loss_type='dpo', got loss_type={loss_type!r}")
+        users = " / ".join(repr(t) for t, loss in LOSSES.items() if loss.needs_reference)
+        raise ValueError(f"ref_logps is only used by loss_type {users}, got loss_type={loss_type!r}")

@@ -70,6 +70,7 @@ def reference_preference_loss(
     ignore_index=-100,
     stats_scope="global",
     cu_seqlens=None,
+    **loss_params,
 ):
     """Same contract as `linear_preference_loss`, by plain autograd through the full logits."""
     sums, counts = reference_sequence_logps(
@@ -84,6 +85,7 @@ def reference_preference_loss(
         gamma_beta_ratio=gamma_beta_ratio,
         ref_logps=ref_logps,
         stats_scope=stats_scope,
+        **loss_params,
     )
     metrics.update(
         reference_token_metrics(hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens)

@@ -33,7 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from amapo_fast import prefix  # noqa: E402
+from amapo_fast import adapters, prefix  # noqa: E402
 from amapo_fast.batches import MicroBatches  # noqa: E402
 from amapo_fast.checkpoint import (  # noqa: E402
     TEMPORARY_SUFFIX,
@@ -47,10 +47,12 @@ from amapo_fast.cli import (  # noqa: E402
     check_model_folder,
     check_output_dir,
     exits_cleanly_on_user_errors,
+    progress_bars,
+    quiet_library_progress,
     require_existing_if_local,
     user_errors,
 )
-from amapo_fast.config import TrainConfig, parse_config, training_record  # noqa: E402
+from amapo_fast.config import TrainConfig, check_resume_matches, parse_config, training_record  # noqa: E402
 from amapo_fast.data import (  # noqa: E402
     REF_COLUMNS,
     SOURCE_ROW,
@@ -71,6 +73,9 @@ from amapo_fast.evaluate import eval_dataloader, ranking_summary, score_pairs  #
 from amapo_fast.loss import _resolve_impl as resolve_impl  # noqa: E402
 from amapo_fast.guard import LOCK_FILE, NonFiniteSteps, OutputDirLock, StopSignals, strict_json  # noqa: E402
 from amapo_fast.model import TOY, load_policy, load_tokenizer  # noqa: E402
+from amapo_fast.config import CONFIG_LOSS_PARAMS  # noqa: E402
+from amapo_fast.losses import LOSSES  # noqa: E402
+from amapo_fast.losses.kto import KL_PREFIX, KLCompletions  # noqa: E402
 from amapo_fast.objective import preference_objective  # noqa: E402
 from amapo_fast.sft import CHAT_TEMPLATES, SftStage  # noqa: E402
 
@@ -193,6 +198,24 @@ class MetricWindow:
         self.micro_batches += 1
         self.tokens += tokens
         self.run_tokens += tokens
+
+    def state(self) -> dict | None:
+        """The window so far, summed over ranks, for a checkpoint (None when it is empty). Collective."""
+        counts = torch.tensor([self.micro_batches, self.tokens], dtype=torch.float64, device=self.device)
+        counts = all_reduce_sum(counts)
+        if counts[0] == 0:
+            return None
+        return {"keys": self.keys, "sums": all_reduce_sum(self.sums).tolist(), "micro_batches": int(counts[0]),
+                "tokens": int(counts[1]), "seconds": self.seconds}
+
+    def restore(self, state: dict | None, is_main: bool):
+        """Continue a checkpoint's window, so that the first record after a resume averages what an uninterrupted
+        run's would. The sums are global: rank 0 carries them, the other ranks start empty."""
+        if state is None or not is_main:
+            return
+        self.keys = state["keys"]
+        self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+        self.micro_batches, self.tokens, self.seconds = state["micro_batches"], state["tokens"], state["seconds"]
 
     def global_run_tokens(self) -> int:
         """Every rank's tokens since this process started training (a collective: every rank calls it)."""
@@ -326,9 +349,14 @@ def evaluate_held_out(model, ref_model, dataset, collator, config: TrainConfig) 
     elif REF_COLUMNS[0] in dataset.column_names:
         # list(): datasets 4+ returns a column as a lazy Column, which does not concatenate with +.
         ref_logps = torch.tensor(list(dataset[REF_COLUMNS[0]]) + list(dataset[REF_COLUMNS[1]]), dtype=torch.float64)
+    if not LOSSES[config.loss_type].needs_reference:
+        ref_logps = None
+    # KTO's KL estimate is a training-batch quantity: the held-out loss is reported with KL = 0.
+    kl = {"kto_kl": 0.0} if LOSSES[config.loss_type].needs_kl else {}
     loss, metrics = preference_objective(
         sums, lengths, beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
         gamma_beta_ratio=config.gamma_beta_ratio, ref_logps=ref_logps, stats_scope="local",
+        **{name: getattr(config, name) for name in CONFIG_LOSS_PARAMS}, **kl,
     )
     results = {"eval/ranking_accuracy": ranking_summary(scores, config.beta)["ranking_accuracy"], "eval/loss": float(loss)}
     results.update({f"eval/{key}": float(value) for key, value in metrics.items()})
@@ -359,11 +387,14 @@ class PreferenceStage:
         return dict(
             beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
             gamma_beta_ratio=config.gamma_beta_ratio, stats_scope=config.stats_scope, impl=config.loss_impl,
+            **{name: getattr(config, name) for name in CONFIG_LOSS_PARAMS},
         )
 
     def needs_reference_model(self, config, train_set) -> bool:
-        """DPO without precomputed reference log-probs scores with a frozen reference model."""
-        return config.loss_type == "dpo" and REF_COLUMNS[0] not in train_set.column_names
+        """A loss with a reference (DPO, IPO, KTO) scores with a reference model unless the data holds its
+        log-probs precomputed; KTO always, for its mismatched completions."""
+        loss = LOSSES[config.loss_type]
+        return loss.needs_reference and (loss.needs_kl or REF_COLUMNS[0] not in train_set.column_names)
 
     def describe_loss(self, config, impl: str) -> str:
         return f"{config.loss_type}, beta {config.beta:g}, implementation {impl}"
@@ -393,9 +424,13 @@ class Trainer:
         self.resume_path = None
         if config.resume:
             self.resume_path = resolve_resume(config.resume, config.output_dir)
+            check_resume_matches(config, self.resume_path)
         # The loss path this device will run ('auto' resolved); an impossible choice is refused before loading.
         with user_errors(ValueError, prefix="--loss_impl: "):
             self.loss_impl = resolve_impl(config.loss_impl, env.device)
+        self.adapter_settings = adapters.settings_from(config)
+        if self.adapter_settings is not None:
+            adapters.require_packages(self.adapter_settings, env.device)
         tokenizer_name = config.tokenizer_name_or_path or config.model_name_or_path
         for flag in ("model_name_or_path", "tokenizer_name_or_path", "ref_model_name_or_path"):
             if getattr(config, flag) not in (None, TOY):
@@ -412,6 +447,8 @@ class Trainer:
         self._plan_steps()
         self.bf16 = use_bf16(config, env)
         self._build_models()
+        if self.loss_impl == "triton":
+            self._tune_kernels()
         self.nonfinite = NonFiniteSteps(config.on_nonfinite, config.output_dir, env.is_main)
         if env.is_main:
             self._print_summary()
@@ -458,17 +495,37 @@ class Trainer:
         load = functools.partial(load_policy, **model_kwargs, **loss_kwargs)
         set_seed(config.seed)  # the toy model's random init is the same in every run
         self.engine = ENGINES[config.backend](
-            functools.partial(load, config.model_name_or_path, gradient_checkpointing=config.gradient_checkpointing),
+            functools.partial(load, config.model_name_or_path, gradient_checkpointing=config.gradient_checkpointing,
+                              adapter_settings=self.adapter_settings),
             self.env, optim,
         )
         self.policy = self.engine.policy
         self.model = self.engine.model  # what to call: FSDP2's root module or the DeepSpeed engine
-        self.ref_model = None
-        if self.stage.needs_reference_model(config, self.train_set):
-            # DPO without precomputed log-probs: the frozen reference model, sharded like the policy, under no-grad.
-            set_seed(config.seed)
-            reference_name = config.ref_model_name_or_path or config.model_name_or_path
-            self.ref_model = self.engine.frozen(functools.partial(load, reference_name))
+        self.ref_model = self._reference(load)
+
+    def _reference(self, load):
+        """What scores the reference log-probs of a loss that needs them (DPO) when the data has none
+        precomputed, called under no-grad: the policy with its adapters switched off when it trains adapters
+        (no second model), else the frozen reference model, sharded like the policy. None otherwise."""
+        config = self.config
+        if not self.stage.needs_reference_model(config, self.train_set):
+            return None
+        if self.policy.peft_model is not None and not config.ref_model_name_or_path:
+            return adapters.DisabledAdapters(self.model, self.policy.peft_model)
+        set_seed(config.seed)
+        reference_name = config.ref_model_name_or_path or config.model_name_or_path
+        return self.engine.frozen(functools.partial(load, reference_name))
+
+    def _tune_kernels(self):
+        """Kernel configs for this head at every batch size the run can meet: chosen once on rank 0 (from its
+        disk cache, else by benchmarking) and launched by every rank (see kernels/tuning.py)."""
+        from amapo_fast.kernels.tuning import tune_head
+
+        weight = self.policy.head.weight
+        vocab, dim = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3 keeps the full shape in ds_shape
+        pairs = max(self.config.per_device_train_batch_size, self.config.per_device_eval_batch_size)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        tune_head(vocab, dim, dtype, self.env.device, max_tokens=2 * pairs * self.config.max_length)
 
     # --- start-up summary and warnings (rank 0) ---------------------------------------------------------
 
@@ -494,6 +551,7 @@ class Trainer:
                        f"{'packed' if config.packed else 'padded'}, attention "
                        f"{self.policy.causal_lm.config._attn_implementation}"),
             ("trunk kernels", self.policy.causal_lm.liger_status),
+            ("adapters", self._adapter_line()),
             ("processes", f"{self.env.world_size} on {self.env.device.type}, {config.backend}, "
                           f"{'bf16' if self.bf16 else 'fp32'}"),
             ("batch", f"{self.step_pairs} {self.stage.unit} per optimizer step ({config.per_device_train_batch_size} per device "
@@ -506,6 +564,15 @@ class Trainer:
         print("\n".join(f"{name:<{width}}  {text}" for name, text in lines), flush=True)
         for warning in self._small_run_warnings():
             print(f"warning: {warning}", flush=True)
+
+    def _adapter_line(self) -> str:
+        settings = self.adapter_settings
+        if settings is None:
+            return "none (every weight trains)"
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.parameters() if p.requires_grad)
+        return (f"LoRA r {settings.r}, alpha {settings.alpha:g}, dropout {settings.dropout:g} on "
+                f"{settings.target_modules}{', 4-bit base' if settings.load_in_4bit else ''}: "
+                f"{trainable / 1e6:.3f} M trainable parameters")
 
     def _small_run_warnings(self) -> list[str]:
         config, warnings = self.config, []
@@ -545,7 +612,10 @@ class Trainer:
             batch = next(stream)
             tokens = count_tokens(batch)
             batch = to_device(batch, self.env.device)
-            if self.ref_model is not None:
+            kl_batch = {key[len(KL_PREFIX):]: batch.pop(key) for key in list(batch) if key.startswith(KL_PREFIX)}
+            if kl_batch:  # KTO's mismatched completions (see KLCompletions)
+                batch["kto_kl"] = self.kl_estimate(kl_batch)
+            if self.ref_model is not None and "ref_logps" not in batch:
                 with torch.no_grad():
                     batch["ref_logps"], _ = self.ref_model(batch, sequence_logps=True)
             loss, metrics = self.model(batch)
@@ -554,6 +624,16 @@ class Trainer:
         grad_norm = self.engine.step()
         window.add_time(time.perf_counter() - started)
         return grad_norm, lr
+
+    @torch.no_grad()
+    def kl_estimate(self, kl_batch: dict) -> torch.Tensor:
+        """KTO's KL term: max(0, mean over every rank's mismatched completions of policy minus reference summed
+        log-prob), detached."""
+        policy, _ = self.model(kl_batch, sequence_logps=True)
+        reference, _ = self.ref_model(kl_batch, sequence_logps=True)
+        gap = policy.double() - reference.double()
+        totals = all_reduce_sum(torch.stack([gap.sum(), gap.new_tensor(gap.numel())]))
+        return (totals[0] / totals[1]).clamp(min=0)
 
     def fit(self, stop: StopSignals | None = None) -> dict:
         """Train to the last step; with `stop`, a stop signal ends the run after the step in progress, with a
@@ -571,8 +651,11 @@ class Trainer:
             self.loggers.log(0, before)
             results[f"{headline}_before"] = before[headline_key]
 
+        collator = self.collator
+        if self.stage.name == "preference" and LOSSES[config.loss_type].needs_kl:
+            collator = KLCompletions(collator, config.max_length)  # KTO: training batches carry mismatched completions
         batches = MicroBatches(
-            self.train_set, self.collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
+            self.train_set, collator, self.env.rank, self.env.world_size, config.per_device_train_batch_size,
             config.seed, self.micro_per_epoch,
         )
         stream = batches.iterate(start_position)
@@ -581,9 +664,15 @@ class Trainer:
             return batches.advance(start_position, (step - start_step) * config.gradient_accumulation_steps)
 
         window = MetricWindow(self.env.device)
+        window.restore(state.get("metric_window"), self.env.is_main)
+
+        def save(step: int) -> str:
+            num_tokens = tokens_before + window.global_run_tokens()
+            return self._save(step, checkpoint_position(step), num_tokens, window.state())
+
         self.model.train()
         progress = tqdm(
-            total=self.total_steps, initial=start_step, desc="training", disable=not self.env.is_main,
+            total=self.total_steps, initial=start_step, desc="training", disable=not (self.env.is_main and progress_bars()),
             dynamic_ncols=True,
         )
         for step in range(start_step + 1, self.total_steps + 1):
@@ -606,11 +695,10 @@ class Trainer:
                 self.loggers.log(step, self.evaluate())
             saved = None
             if config.save_steps and step % config.save_steps == 0:
-                saved = self._save(step, checkpoint_position(step), tokens_before + window.global_run_tokens())
+                saved = save(step)
             if stop is not None and step < self.total_steps and (signum := stop.requested(self.env.device)):
                 progress.close()
-                saved = saved or self._save(step, checkpoint_position(step), tokens_before + window.global_run_tokens())
-                self._stop(signum, step, saved)
+                self._stop(signum, step, saved or save(step))
         progress.close()
 
         if self.eval_set is not None:
@@ -629,12 +717,12 @@ class Trainer:
         self.loggers.close()
         return results
 
-    def _save(self, step: int, position: tuple, num_tokens: int) -> str:
+    def _save(self, step: int, position: tuple, num_tokens: int, metric_window: dict | None) -> str:
         """checkpoint-<step>, complete and verified, the oldest rotated out. Collective."""
         config = self.config
         trainer_state = {
             "global_step": step, "data_position": position, "world_size": self.env.world_size,
-            "num_tokens": num_tokens, "config": vars(config),
+            "num_tokens": num_tokens, "metric_window": metric_window, "config": vars(config),
         }
         return save_checkpoint(self.engine, config.output_dir, step, trainer_state, config.save_total_limit, self.env.rank)
 
@@ -653,9 +741,12 @@ class Trainer:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         # In config.json, so that evaluation scores the model with the truncation it was trained with.
         self.policy.causal_lm.config.amapo_fast_training = training_record(self.config)
-        save_pretrained(self.engine, self.policy, self.tokenizer, final_dir, dtype, self.env.rank)
+        save_pretrained(self.engine, self.policy, self.tokenizer, final_dir, dtype, self.env.rank,
+                        base_model=self.config.model_name_or_path, merge_adapters=self.config.merge_adapters)
         if self.env.is_main:
-            print(f"saved the trained model to {final_dir} (AutoModelForCausalLM.from_pretrained loads it)")
+            loader = "peft.AutoPeftModelForCausalLM" if self.policy.peft_model is not None and not \
+                self.config.merge_adapters else "AutoModelForCausalLM"
+            print(f"saved the trained model to {final_dir} ({loader}.from_pretrained loads it)")
 
 
 # --- command line: settings and the output folder are checked before anything loads ------------------------
@@ -669,9 +760,9 @@ def remove_earlier_run(output_dir: str):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-@exits_cleanly_on_user_errors
-def main(argv: list[str] | None = None) -> dict:
-    """Parse the settings, join the process group, train; returns the final results (ranking accuracy, eval metrics)."""
+def check_settings(argv: list[str] | None = None) -> TrainConfig:
+    """The settings, refused (a `UserError`) if they or the output folder cannot work; nothing is loaded.
+    `amapo-train` runs this once before it starts the workers."""
     config = parse_config(argv)
     check_output_dir(
         config.output_dir, "--output_dir", must_be_empty=not (config.resume or config.overwrite_output_dir),
@@ -680,6 +771,14 @@ def main(argv: list[str] | None = None) -> dict:
         # live run's lock still refuses it, with that run's pid and host).
         ignore=(LOCK_FILE,),
     )
+    return config
+
+
+@exits_cleanly_on_user_errors
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the settings, join the process group, train; returns the final results (ranking accuracy, eval metrics)."""
+    config = check_settings(argv)
+    quiet_library_progress()
     if config.backend == "deepspeed":
         # DeepSpeed calls collectives that torch has deprecated; the FutureWarning would come back every step.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

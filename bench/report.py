@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from amapo_fast import vocab_chunks
 from bench.paths import PATHS
 from bench.workloads import Shape
 
@@ -53,6 +54,8 @@ def environment(device: torch.device, dtype: str, argv) -> dict:
         "versions": versions,
         "git_commit": commit,
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        # How pass 2 adds 16-bit GEMMs into fp32 on this device (the workers run the same torch).
+        "accumulate_way": vocab_chunks.accumulate_way(device),
         **machine_load(),
     }
 
@@ -192,39 +195,71 @@ def goals(cases, env) -> list:
     return results
 
 
-def plot(cases, path: Path):
-    """Time and peak memory against N, one row per workload (one PNG, log-log)."""
+def _plain_number(value, _position=None) -> str:
+    """Tick labels as plain numbers (4096, 0.5, 2e+05), never matplotlib's log-axis '2x10^0'."""
+    return f"{value:g}"
+
+
+def figure(cases, env: dict):
+    """Time and peak memory per path, one row per workload and head shape (D, V): against N on log-log axes
+    when several N were measured, as labelled bars when one was. The title names the device, the dtype and
+    what was measured, so the image reads without the Markdown beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
-    workloads = sorted({case["workload"] for case in cases})
-    figure, axes = plt.subplots(len(workloads), 2, figsize=(11, 4 * len(workloads)), squeeze=False)
-    for row, workload in enumerate(workloads):
-        for name in PATHS:
-            points = sorted(
-                (Shape(**c["shape"]).tokens, c["fwd_bwd_ms"], c["peak_bytes"] / MIB)
-                for c in cases
-                if c["path"] == name and c["workload"] == workload and "error" not in c
-            )
-            if not points:
-                continue
-            tokens, times, memory = zip(*points)
-            axes[row][0].plot(tokens, times, marker="o", label=name)
-            axes[row][1].plot(tokens, memory, marker="o", label=name)
-        for column, ylabel in enumerate(("forward+backward (ms)", "peak memory above inputs (MiB)")):
+    groups = sorted({(case["workload"], case["shape"]["hidden"], case["shape"]["vocab"]) for case in cases})
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups) + 0.6), squeeze=False)
+    measures = (("fwd_bwd_ms", 1, "forward+backward time (ms, median)"), ("peak_bytes", MIB, "peak memory above inputs (MiB)"))
+    for row, (workload, hidden, vocab) in enumerate(groups):
+        members = [c for c in cases if "error" not in c
+                   and (c["workload"], c["shape"]["hidden"], c["shape"]["vocab"]) == (workload, hidden, vocab)]
+        token_counts = sorted({c["shape"]["tokens"] for c in members})
+        names = [name for name in PATHS if any(c["path"] == name for c in members)]
+        for column, (key, scale, label) in enumerate(measures):
             axis = axes[row][column]
+            if len(token_counts) == 1:
+                values = [next(c[key] for c in members if c["path"] == name) / scale for name in names]
+                bars = axis.barh(names, values)
+                axis.bar_label(bars, labels=[f"{value:.3g}" for value in values], padding=3)
+                axis.invert_yaxis()
+                axis.set_xlabel(label)
+                axis.set_title(f"{workload}, N={token_counts[0]} tokens, D={hidden}, V={vocab}")
+                axis.margins(x=0.15)
+                continue
+            for name in names:
+                points = sorted((c["shape"]["tokens"], c[key] / scale) for c in members if c["path"] == name)
+                axis.plot(*zip(*points), marker="o", label=name)
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")
-            axis.set_xlabel("tokens N")
-            axis.set_ylabel(ylabel)
-            axis.set_title(workload)
-            axis.grid(True, which="both", alpha=0.3)
+            axis.set_xticks(token_counts)
+            axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            for ticks in (axis.xaxis, axis.yaxis):
+                ticks.set_major_formatter(FuncFormatter(_plain_number))
+                ticks.set_minor_locator(NullLocator())
+            axis.set_xlabel("tokens N (positions of the batch)")
+            axis.set_ylabel(label)
+            axis.set_title(f"{workload}, D={hidden}, V={vocab}")
+            axis.grid(True, alpha=0.3)
             axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    fig.suptitle(
+        f"Loss layer forward+backward: {env['device_name']} ({env['device']}), {env['dtype']}; "
+        f"ours and the reference run AMaPO, Liger SimPO",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    return fig
+
+
+def plot(cases, path: Path, env: dict):
+    """The figure of `figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(cases, env)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write(out_dir: Path, stem: str, env: dict, cases: list, skipped: dict) -> dict:
@@ -237,7 +272,7 @@ def write(out_dir: Path, stem: str, env: dict, cases: list, skipped: dict) -> di
                                          "cases": cases}, indent=1))
     text = render_markdown(env, cases, skipped, goal_rows, files["png"].name)
     files["md"].write_text(text)
-    plot(cases, files["png"])
+    plot(cases, files["png"], env)
     return files
 
 

@@ -7,6 +7,9 @@ the same micro-batch, one AdamW step per micro-batch:
   ours prefix            prefix sharing, padded: each pair one row [prompt | chosen | rejected], prompt run once
   ours packed+prefix     prefix sharing and packing: every pair's block in one row
   ours DPO packed+prefix the same with DPO, whose frozen reference model runs the same layout under no-grad
+  ours LoRA packed+prefix  packed+prefix with peft LoRA adapters (r 16, alpha 32, every linear layer of the
+                         decoder) on the frozen model: only the adapters get gradients and AdamW state
+  ours LoRA DPO packed+prefix  the same with DPO, its reference the same model with the adapters switched off
   TRL CPO simpo          trl's CPOTrainer(loss_type="simpo", cpo_alpha=0), its own collator and loss
   TRL DPO                trl's DPOTrainer (reference model copied from the policy)
   authors' style         padded, full [tokens x vocab] logits upcast to fp32, log_softmax over every position
@@ -46,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from amapo_fast import adapters  # noqa: E402
 from amapo_fast.data import PreferenceCollator  # noqa: E402
 from amapo_fast.model import PreferencePolicy, resolve_attn_implementation  # noqa: E402
 from amapo_fast.toy import build_toy_tokenizer  # noqa: E402
@@ -80,6 +84,7 @@ WORKLOADS = {
     ),
 }
 BETA, GAMMA_BETA_RATIO = 2.0, 0.5
+LORA = adapters.AdapterSettings(r=16, alpha=32.0, dropout=0.0, target_modules=adapters.ALL_LINEAR)
 
 
 def make_rows(workload: Workload, pairs: int, seed: int):
@@ -130,19 +135,22 @@ def _checkpointing(causal_lm, device):
 class OursStep:
     """One AdamW step of PreferencePolicy on a PreferenceCollator batch (and DPO's reference forward)."""
 
-    def __init__(self, device, rows, *, packed, prefix_sharing, loss_type="simpo", impl="auto"):
+    def __init__(self, device, rows, *, packed, prefix_sharing, loss_type="simpo", impl="auto", lora=False):
         causal_lm = build_causal_lm(device)
         attn = resolve_attn_implementation("auto", prefix_sharing)
         causal_lm.set_attn_implementation(attn)
         _checkpointing(causal_lm, device)
-        self.policy = PreferencePolicy(causal_lm, beta=BETA, loss_type=loss_type, impl=impl,
+        peft_model = adapters.add_adapters(causal_lm, LORA, device.type == "cuda") if lora else None
+        self.policy = PreferencePolicy(causal_lm, peft_model, beta=BETA, loss_type=loss_type, impl=impl,
                                        gamma_beta_ratio=GAMMA_BETA_RATIO)
         self.reference = None
-        if loss_type == "dpo":
+        if loss_type == "dpo" and lora:
+            self.reference = adapters.DisabledAdapters(self.policy, peft_model)
+        elif loss_type == "dpo":
             reference = build_causal_lm(device)
             reference.set_attn_implementation(attn)
             self.reference = PreferencePolicy(reference.requires_grad_(False), beta=BETA).eval()
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
+        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=1e-6)
         collator = PreferenceCollator(build_toy_tokenizer().pad_token_id, packed=packed, prefix_sharing=prefix_sharing)
         self.batch = {key: value.to(device) for key, value in collator(rows).items()}
         self.parameters = sum(p.numel() for p in causal_lm.parameters())
@@ -152,7 +160,7 @@ class OursStep:
         batch = self.batch
         if self.reference is not None:
             with torch.no_grad():
-                batch = {**batch, "ref_logps": self.reference.sequence_logps(batch)[0]}
+                batch = {**batch, "ref_logps": self.reference(batch, sequence_logps=True)[0]}
         loss, _ = self.policy(batch)
         loss.backward()
         self.optimizer.step()
@@ -212,12 +220,21 @@ METHODS = {
     "ours packed+prefix": (lambda d, t, r: OursStep(d, r, packed=True, prefix_sharing=True), lambda: None),
     "ours DPO packed+prefix": (
         lambda d, t, r: OursStep(d, r, packed=True, prefix_sharing=True, loss_type="dpo"), lambda: None),
+    "ours LoRA packed+prefix": (
+        lambda d, t, r: OursStep(d, r, packed=True, prefix_sharing=True, lora=True), lambda: _missing("peft")),
+    "ours LoRA DPO packed+prefix": (
+        lambda d, t, r: OursStep(d, r, packed=True, prefix_sharing=True, loss_type="dpo", lora=True),
+        lambda: _missing("peft")),
     "TRL CPO simpo": (lambda d, t, r: TrlStep(d, t, "cpo"), _trl_missing),
     "TRL DPO": (lambda d, t, r: TrlStep(d, t, "dpo"), _trl_missing),
     "authors' style": (
         lambda d, t, r: OursStep(d, r, packed=False, prefix_sharing=False, loss_type="amapo", impl="reference"),
         lambda: None),
 }
+
+
+def _missing(package):
+    return None if importlib.util.find_spec(package) else f"{package} is not installed"
 
 
 def synchronize(device):
@@ -373,7 +390,10 @@ def main(argv=None):
         text = render({**env, **report.machine_load()}, setup, rows_out)
         (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "setup": setup, "results": rows_out}, indent=1))
         (args.out / f"{stem}.md").write_text(text)
-        plot(rows_out, args.out / f"{stem}.png")
+        model = setup["model"]
+        plot(rows_out, args.out / f"{stem}.png",
+             f"One training step per method: Llama D={model['hidden_size']}, {model['num_hidden_layers']} layers, "
+             f"V={model['vocab_size']}, {setup['dtype']}, {env['device_name']} ({env['device']})")
         return text
 
     def each(phase, measure):
@@ -486,8 +506,8 @@ def render(env, setup, rows):
     return "".join(lines)
 
 
-def plot(rows, path: Path):
-    """pairs/s and step peak memory per method, one column per workload."""
+def plot(rows, path: Path, title: str):
+    """pairs/s and step peak memory per method, one column per workload, under `title` (what was measured where)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -506,6 +526,7 @@ def plot(rows, path: Path):
             axis.set_xlabel(label)
             if line == 0:
                 axis.set_title(workload)
+    figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -14,12 +14,14 @@ For a key seen for the first time the config is, in this order:
 3. the one found in the disk cache (AMAPO_KERNEL_CACHE, default ~/.cache/amapo_fast/kernel-configs.json,
    keyed also by the Triton version; `off` disables it);
 4. the fastest fitting config, each benchmarked once on the launch's own arguments, then written to the
-   disk cache. Only a single process, or rank 0 inside `tune_head`, benchmarks: ranks of a distributed
-   run would each pick their own (timing noise), and agreeing inside a launch would need every rank to
-   meet the same new key at the same moment. A rank of a multi-rank run that meets an untuned key takes
-   the first fitting config, which is the same on every rank, and says so once in the log; `tune_head`,
-   called by every rank at start-up, has rank 0 tune every bucket up to the largest batch and broadcasts
-   the table, so that all ranks launch rank 0's choices.
+   disk cache.
+Steps 3 and 4 run in a single process, or on rank 0 inside `tune_head`, only: ranks of a distributed run
+would each pick their own config (timing noise, or disk caches that differ between nodes), and agreeing
+inside a launch would need every rank to meet the same new key at the same moment. A rank of a multi-rank
+run that meets a key `tune_head` did not cover takes the first fitting config, the same on every rank, and
+says so once in the log. `tune_head`, called by every rank at start-up, has rank 0 choose for every
+bucket up to the largest batch (from its disk cache, else by benchmarking) and broadcasts the table, so
+that all ranks launch rank 0's choices.
 Both kernels only write their outputs, so a config may run several times while being benchmarked.
 """
 import contextlib
@@ -169,11 +171,7 @@ class Tuned:
             return pinned, f"pinned by {PIN_ENV}"
         if len(fitting) == 1:
             return fitting[0], "the only fitting config"
-        cached = _disk_table().get(key)
-        records = [config_record(c) for c in fitting]
-        if cached in records:
-            return fitting[records.index(cached)], "disk cache"
-        if _multi_rank() and not _state["may_tune"]:
+        if _multi_rank() and not _state["may_tune"]:  # not even the disk: another node's cache may differ
             if not _state["warned"]:
                 log.warning(
                     "%s: no tuned config for %s on this multi-rank run; every rank takes the first fitting config "
@@ -182,6 +180,10 @@ class Tuned:
                 )  # fmt: skip
                 _state["warned"] = True
             return fitting[0], "first fitting config (untuned, multi-rank)"
+        cached = _disk_table().get(key)
+        records = [config_record(c) for c in fitting]
+        if cached in records:
+            return fitting[records.index(cached)], "disk cache"
         times = [benchmark(lambda config=config: self.launch(config, grid, args, kwargs)) for config in fitting]
         best = fitting[min(range(len(fitting)), key=times.__getitem__)]
         _save_to_disk(key, config_record(best))
@@ -216,9 +218,11 @@ def tune_head(vocab: int, dim: int, dtype: torch.dtype, device, max_tokens: int,
     """Collective (every rank calls it, or one process): tune both kernels for a [vocab, dim] head at every
     power-of-two token bucket up to max_tokens, on rank 0 with random inputs, and launch rank 0's choices
     on every rank from then on. Returns chosen_configs()."""
-    from .dlogits_backward import token_grads
-    from .lse_forward import token_logprobs
+    from .dlogits_backward import _dlogits_kernel, token_grads
+    from .lse_forward import _lse_partials_kernel, token_logprobs
 
+    if all(len(kernel.configs) == 1 for kernel in (_lse_partials_kernel, _dlogits_kernel)):
+        return chosen_configs()  # nothing to choose (the CPU interpreter's single config)
     if not _multi_rank() or torch.distributed.get_rank() == 0:
         weight = torch.randn(vocab, dim, device=device, dtype=dtype) * dim**-0.5
         bias = torch.zeros(vocab, device=device, dtype=dtype) if with_bias else None
@@ -227,7 +231,8 @@ def tune_head(vocab: int, dim: int, dtype: torch.dtype, device, max_tokens: int,
                 tokens = 2**exponent
                 hidden = torch.randn(tokens, dim, device=device, dtype=dtype)
                 targets = torch.randint(0, vocab, (tokens,), device=device)
-                pass1 = token_logprobs(hidden, weight, bias, targets)
+                for token_metrics in (False, True):  # the lean forward and its metrics variant are tuned apart
+                    pass1 = token_logprobs(hidden, weight, bias, targets, token_metrics=token_metrics)
                 token_grads(hidden, weight, bias, targets, pass1.lse, torch.full_like(pass1.lse, 1e-3))
         del weight, bias
     if _multi_rank():

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from amapo_fast import vocab_chunks
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -38,6 +40,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path):
     assert "Triton kernels are timed on CUDA only" in result["skipped_paths"]["triton"]
     env = result["environment"]
     assert env["versions"]["torch"] == torch.__version__ and "--quick" in env["command"]
+    assert env["accumulate_way"] == vocab_chunks.accumulate_way("cpu")  # how pass 2 adds 16-bit GEMMs into fp32
 
     # Same inputs for every path: our chunked AMaPO and the reference's agree on the loss value.
     by_path = {c["path"]: c for c in cases}
@@ -95,6 +98,34 @@ def test_train_step_bench_runs_methods_on_the_same_pairs(tmp_path):
     if importlib.util.find_spec("trl") is None:
         assert "skipping TRL CPO simpo: trl is not installed" in finished.stdout
     assert (tmp_path / "step.md").exists() and (tmp_path / "step.png").exists()
+
+
+@pytest.mark.parametrize("token_counts", [(4096,), (1024, 4096, 16384)])
+def test_plot_names_what_was_measured_and_labels_ticks_as_plain_numbers(token_counts):
+    from bench import report
+
+    cases = [
+        {"workload": "realistic", "path": path, "shape": {"tokens": n, "seq_len": 512, "hidden": 256, "vocab": 32000},
+         "fwd_bwd_ms": 3.0 * n / 1024 * (2 if path == "reference" else 1), "peak_bytes": 2**20 * n / 512}
+        for path in ("reference", "chunked") for n in token_counts
+    ]
+    env = {"device": "cpu", "device_name": "x86_64", "dtype": "fp32"}
+    figure = report.figure(cases, env)
+    figure.canvas.draw()
+    title = figure._suptitle.get_text()
+    assert "x86_64 (cpu)" in title and "fp32" in title
+    for axis in figure.axes:
+        assert "D=256, V=32000" in axis.get_title()
+        labels = [tick.get_text() for tick in axis.get_xticklabels() + axis.get_yticklabels() if tick.get_text()]
+        assert labels and not [label for label in labels if "times" in label or "^" in label or "$" in label], labels
+        if len(token_counts) > 1:
+            assert {str(n) for n in token_counts} <= {tick.get_text() for tick in axis.get_xticklabels()}
+        else:  # one N: labelled bars, one per path
+            assert {tick.get_text() for tick in axis.get_yticklabels()} == {"reference", "chunked"}
+            assert f"N={token_counts[0]}" in axis.get_title()
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
 
 
 def test_frozen_head_and_cross_entropy_paths_agree_and_compare_with_their_peers():

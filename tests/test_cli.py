@@ -395,3 +395,86 @@ def test_evaluate_takes_the_training_truncation_from_a_trained_model_and_says_so
     report = evaluate.main(["--model", str(final), "--max-length", "100", *common])
     assert (report["settings"]["max_length"], report["settings"]["max_prompt_length"]) == (100, 64)
     assert "(from the training settings in" in capsys.readouterr().out
+
+
+def test_a_hub_name_without_the_hub_fails_fast_with_a_hint(tmp_path, capsys, monkeypatch):
+    import time
+
+    from amapo_fast import cli
+
+    with socket.socket() as sock:  # a port that nothing listens on: refused at once, like a machine offline
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(cli, "_HUB_REACHABLE", {})
+    monkeypatch.setattr("amapo_fast.model.load_policy", None)
+    started = time.perf_counter()
+    line = _user_error(capsys, evaluate.main, ["--model", "someone/some-model", "--dataset", "toy",
+                                              "--output-dir", str(tmp_path / "eval")])
+    assert time.perf_counter() - started < 20
+    assert "--model someone/some-model: not a local file or folder, and the hub" in line
+    assert "set HF_HUB_OFFLINE=1" in line
+    line = _user_error(capsys, train.main, ["--dataset_name", "someone/pairs", "--output_dir", str(tmp_path / "out")])
+    assert "--dataset_name someone/pairs: not a local file or folder" in line
+
+
+def test_resume_with_other_data_than_the_checkpoints_run_is_refused(finished_run, small_file, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    monkeypatch.setattr(train, "load_tokenizer", None)  # reached only if the check came too late
+    line = _user_error(capsys, train.main, ["--resume", str(run / "checkpoint-2"), "--dataset_name", str(small_file),
+                                            "--output_dir", str(run)])
+    assert f"--resume {run / 'checkpoint-2'}: its run used --dataset_name toy, this one {small_file}" in line
+
+
+def test_no_progress_bars_when_the_output_is_not_a_terminal(small_file, tmp_path, capfd):
+    """A run whose output goes to a file (here: captured) gets its lines and no bar, its own or a library's."""
+    train.main(["--dataset_name", str(small_file), "--output_dir", str(tmp_path / "run")])
+    evaluate.main(["--model", str(tmp_path / "run" / "final"), "--dataset", str(small_file), "--split", "test",
+                   "--output-dir", str(tmp_path / "eval")])
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "held-out ranking accuracy" in output and "ranking accuracy % [95% CI]" in output
+    for bar in ("it/s", "examples/s", "batch/s", "Loading weights", "Generating train split", "tokenizing", "\r"):
+        assert bar not in output, (bar, output[-2000:])
+
+
+def test_readme_install_lines_are_commands_and_name_the_ones_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    install = readme.split("## Install", 1)[1].split("## ", 1)[0]
+    commands = [line for line in install.splitlines() if line.startswith("pip install")]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in commands
+    assert not [line for line in commands if "<" in line], commands  # no placeholders
+    ci_torch = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if "install torch" in line]
+    assert ci_torch and all(f"`{line}`" in install for line in ci_torch), ci_torch
+
+
+def test_amapo_train_checks_settings_before_starting_workers(tmp_path, capsys, monkeypatch):
+    from amapo_fast import launch
+
+    assert launch.split_argv(["--nproc_per_node", "2", "--max_steps", "3", "--master_port=1234", "--standalone",
+                              "--dataset_name", "x.jsonl"]) == (
+        ["--nproc_per_node", "2", "--master_port=1234", "--standalone"], ["--max_steps", "3", "--dataset_name", "x.jsonl"])
+    monkeypatch.setattr("torch.distributed.run.run", None)  # starting the workers would be a TypeError
+    line = _user_error(capsys, launch.main, ["--nproc_per_node", "2", "--per_device_train_batch_size", "0",
+                                             "--output_dir", str(tmp_path / "out")])
+    assert "--per_device_train_batch_size 0: must be positive" in line
+
+
+def test_amapo_train_ends_with_the_workers_one_line_and_status(tmp_path):
+    """An error found by the workers (after the process group formed): their one line, status 2, no launcher report."""
+    data = tmp_path / "no_rejected.jsonl"
+    make_toy_preference_dataset(8, seed=0).remove_columns(["rejected"]).to_json(str(data))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "amapo_fast.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2, lines[-30:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing column(s) ['rejected']" in lines[0], lines[-30:]

@@ -116,6 +116,25 @@ def test_chunk_width_depends_on_the_bucket_not_the_count():
             assert len(widths) == 1, (element_size, bucket, widths)
 
 
+@pytest.mark.parametrize("vocab", [32000, 128256, 256000])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_scratch_is_bounded_by_a_fraction_of_the_logits_and_by_bytes(vocab, element_size):
+    """Below the 2,048-column floor neither bound applies; above it, both do (with the token bucket, at
+    most twice the count, standing in for the count)."""
+    floor = vocab_chunks.MIN_CHUNK_COLUMNS
+    for num_tokens in (1, 100, 3072, 4097, 16384, 65536):
+        columns = vocab_chunks.chunk_columns(num_tokens, vocab, element_size)
+        assert columns % vocab_chunks.CHUNK_ALIGN == 0 or columns == vocab
+        assert min(floor, vocab) <= columns <= vocab
+        scratch = num_tokens * columns * element_size
+        if columns > floor:
+            assert scratch <= vocab_chunks.SCRATCH_FRACTION * num_tokens * vocab * 4
+            assert scratch <= vocab_chunks.SCRATCH_BYTES
+    # Llama-3-8B's head in bf16: 15,872 columns up to 8k tokens, then the byte budget takes over.
+    assert vocab_chunks.chunk_columns(4096, 128256, 2) == 15872
+    assert vocab_chunks.chunk_columns(16384, 128256, 2) == 8192
+
+
 def test_a_restart_and_other_processes_reuse_the_disk_cache(launches, monkeypatch):
     counts = response_token_counts(40, seed=1)
     simulate(launches, counts)
@@ -175,3 +194,88 @@ def test_tuning_key_separates_dtype_and_specialisation(launches):
     simulate(launches, [3000], dtype=torch.float16)
     simulate(launches, [3000], dtype=torch.bfloat16, with_bias=True)
     assert len(launches["tunings"]) == 6
+
+
+SYNCING_METHODS = ("__bool__", "__int__", "__float__", "item", "tolist", "nonzero")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_host_syncs_of_the_loss_hot_path(monkeypatch, layout):
+    """The loss itself (outside the two passes, which have none) reads device values at three points:
+    the response tokens' positions, one read of the label and row checks, and the margin's branch on a
+    degenerate group; the packed layout adds one for its boundaries. The backward reads none."""
+    from types import SimpleNamespace
+
+    from amapo_fast import chunked, linear_preference_loss
+    from amapo_fast import loss as loss_module
+    from test_loss import make_batch
+
+    reads, inside_backend = [], [False]
+    for name in SYNCING_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            if not inside_backend[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def outside_count(fn):
+        def call(*args, **kwargs):
+            inside_backend[0] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside_backend[0] = False
+
+        return call
+
+    backend = SimpleNamespace(token_logprobs=outside_count(chunked.token_logprobs), token_grads=outside_count(chunked.token_grads))
+    monkeypatch.setattr(loss_module, "_backend", lambda impl: backend)
+    hidden, weight, labels, _ = make_batch(pairs=3, dim=16, vocab=50)
+    cu_seqlens = None
+    if layout == "packed":
+        hidden, labels = hidden.reshape(-1, 16), labels.reshape(-1)
+        cu_seqlens = torch.arange(0, labels.numel() + 1, labels.numel() // 6)
+    hidden.requires_grad_(True)
+    reads.clear()
+    loss, _ = linear_preference_loss(hidden, weight, labels, beta=2.0, impl="chunked", cu_seqlens=cu_seqlens)
+    forward_reads = reads[:]
+    reads.clear()
+    loss.backward()
+    expected = ["nonzero", "tolist", "__bool__"] + (["tolist"] if layout == "packed" else [])
+    assert sorted(forward_reads) == sorted(expected)
+    assert reads == []
+
+
+def test_tune_head_tunes_on_rank_0_and_every_rank_launches_its_choices(launches, monkeypatch):
+    """Two ranks of a run, one after the other: rank 0 tunes every bucket and broadcasts; rank 1 tunes
+    nothing and launches exactly rank 0's configs over the same token counts."""
+    counts = response_token_counts(30, seed=4)
+    broadcast = {}
+
+    def broadcast_object_list(objects, src):
+        assert src == 0
+        if "table" in broadcast:  # a receiving rank
+            objects[0] = broadcast["table"]
+        else:
+            broadcast["table"] = json.loads(json.dumps(objects[0]))  # what travels is a copy
+
+    monkeypatch.setattr(tuning, "_multi_rank", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(tuning, "_chosen", {})
+        monkeypatch.setenv(tuning.CACHE_ENV, "off")  # nothing shared through the disk
+        launches["tunings"].clear()
+        tuning.tune_head(VOCAB, DIM, torch.bfloat16, "meta", max_tokens=max(counts))
+        tuned = len(launches["tunings"])
+        launches["launches"].clear()
+        simulate(launches, counts)
+        per_rank.append((tuned, len(launches["tunings"]), launches["launches"][:]))
+    buckets = vocab_chunks.token_bucket(max(counts)).bit_length()  # 1, 2, 4, ..., the largest bucket
+    assert per_rank[0][:2] == (2 * buckets, 2 * buckets)  # both kernels, every bucket, and nothing more
+    assert per_rank[1][:2] == (0, 0)
+    assert per_rank[0][2] == per_rank[1][2]

@@ -21,6 +21,7 @@ from amapo_fast import (
     preference_objective,
     sequence_logps,
 )
+from amapo_fast.losses import LOSSES
 from conftest import DEVICE
 
 FUSED_IMPLS = ["chunked", "triton"]
@@ -86,10 +87,12 @@ def assert_matches(actual, expected, *, grad_rtol, value_rtol=1e-5, grad_dtype=t
 
 def loss_kwargs(loss_type, rows):
     kwargs = dict(beta=2.0, loss_type=loss_type)
-    if loss_type == "dpo":
+    if LOSSES[loss_type].needs_reference:
         kwargs["ref_logps"] = (torch.randn(rows, dtype=torch.float64) * 5 - 20).to(DEVICE)
     if loss_type == "simpo":
         kwargs["gamma_beta_ratio"] = 0.4
+    if loss_type == "kto":
+        kwargs["kto_kl"] = 0.3
     return kwargs
 
 
@@ -98,7 +101,7 @@ def loss_kwargs(loss_type, rows):
 def test_every_loss_type_fp32(impl, loss_type):
     hidden, weight, labels, bias = make_batch(pairs=3, dim=24, vocab=97, bias=True)
     kwargs = loss_kwargs(loss_type, 6)
-    kwargs["label_smoothing"] = 0.1 if loss_type != "dpo" else 0.0
+    kwargs["label_smoothing"] = 0.1 if loss_type != "dpo" and LOSSES[loss_type].label_smoothing else 0.0
     assert_matches(
         run(hidden, weight, labels, bias, impl=impl, **kwargs),
         reference_on(hidden, weight, labels, bias, **kwargs),
@@ -294,7 +297,7 @@ def test_second_backward_says_unsupported():
         (lambda h, w, y, kw: (h, w, y.masked_fill(y >= 0, 30), kw), "outside \\[0, 30\\)"),
         (lambda h, w, y, kw: (h, w, y.to("meta"), kw), "labels is on meta"),
         (lambda h, w, y, kw: (h, w, y, {**kw, "loss_type": "dpo"}), "ref_logps"),
-        (lambda h, w, y, kw: (h, w, y, {**kw, "loss_type": "ipo"}), "loss_type='ipo'"),
+        (lambda h, w, y, kw: (h, w, y, {**kw, "loss_type": "rpo"}), "loss_type='rpo'"),
         (lambda h, w, y, kw: (h, w, y, {**kw, "impl": "cuda"}), "impl='cuda'"),
         (lambda h, w, y, kw: (h, w, y, {**kw, "beta": -1.0}), "beta"),
         (lambda h, w, y, kw: (h, w, y, {**kw, "stats_scope": "world"}), "stats_scope"),

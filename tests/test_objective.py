@@ -79,11 +79,45 @@ def hand_objective(sums, lengths, *, beta, loss_type, label_smoothing=0.0, gamma
     loss = statistics.fmean([-(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z) for z in zs])
 
     d_delta = [-beta * ((1 - eps) * sigmoid(-z) - eps * sigmoid(z)) / pairs for z in zs]
-    lengths = [1] * len(sums) if loss_type == "dpo" else lengths
-    grad = [g / n for g, n in zip(d_delta, lengths[:pairs])] + [-g / n for g, n in zip(d_delta, lengths[pairs:])]
+    per_token = [1] * len(sums) if loss_type == "dpo" else lengths
+    grad = [g / n for g, n in zip(d_delta, per_token[:pairs])] + [-g / n for g, n in zip(d_delta, per_token[pairs:])]
 
+    if loss_type == "dpo":
+        rs = [beta * (c - r) for c, r in zip(chosen, rejected)]
+        gammas = [beta * (rc - rr) for rc, rr in zip(ref[:pairs], ref[pairs:])]
+    else:
+        rs = [rc - rr for rc, rr in zip(rewards_chosen, rewards_rejected)]
+        gammas = margins
+    grads = [abs((1 - eps) * sigmoid(-z) - eps * sigmoid(z)) for z in zs]
+    metrics = hand_pair_metrics(sums, lengths, chosen, rejected, rewards_chosen, rewards_rejected, margins, beta)
+    metrics.update(hand_dynamics(rs, gammas, grads))
+    return loss, grad, metrics
+
+
+def hand_dynamics(rs, gammas, grads):
+    """The dynamics metrics: Table 1's cases (correct: r > 0; cases 1 and 3: r >= gamma) and gradient shares."""
+    correct = [r > 0 for r in rs]
+    above = [r >= g for r, g in zip(rs, gammas)]
+    cases = [(c, a) for c, a in zip(correct, above)]
+    values = {
+        f"dynamics/case{k}": statistics.fmean([float(case == want) for case in cases])
+        for k, want in enumerate([(True, True), (True, False), (False, True), (False, False)], 1)
+    }
+    total = sum(grads)
+    misranked = [d for d, c in zip(grads, correct) if not c]
+    right = [d for d, c in zip(grads, correct) if c]
+    values["dynamics/misranked_grad_share"] = sum(misranked) / total if total > 0 else 0.0
+    values["dynamics/grad_correct_mean"] = statistics.fmean(right) if right else 0.0
+    values["dynamics/grad_misranked_mean"] = statistics.fmean(misranked) if misranked else 0.0
+    return values
+
+
+def hand_pair_metrics(sums, lengths, chosen, rejected, rewards_chosen, rewards_rejected, margins, beta):
+    pairs = len(sums) // 2
+    deltas = [c - r for c, r in zip(chosen, rejected)]
+    mu = statistics.fmean(deltas)
     reward_margins = [rc - rr for rc, rr in zip(rewards_chosen, rewards_rejected)]
-    metrics = {
+    return {
         "rewards/chosen": statistics.fmean(rewards_chosen),
         "rewards/rejected": statistics.fmean(rewards_rejected),
         "rewards/margins": statistics.fmean(reward_margins),
@@ -94,8 +128,8 @@ def hand_objective(sums, lengths, *, beta, loss_type, label_smoothing=0.0, gamma
         "rewards/batch_margin_mean": beta * mu,
         "loss/margin": statistics.fmean(margins),
         "margin/zero_fraction": statistics.fmean([float(m == 0) for m in margins]),
+        "nll_loss": -sum(sums[:pairs]) / sum(lengths[:pairs]),
     }
-    return loss, grad, metrics
 
 
 def random_pairs(rng: random.Random, pairs: int, mu_shift: float):
@@ -226,3 +260,184 @@ def test_token_metrics_average_over_response_tokens():
     assert list(metrics) == list(TOKEN_METRIC_KEYS) and list(METRIC_KEYS) == list(SEQUENCE_METRIC_KEYS + TOKEN_METRIC_KEYS)
     for key, value in metrics.items():
         assert value.dtype == torch.float32 and value.item() == pytest.approx(expected[key], rel=1e-6), key
+
+
+# The paper's other baselines, written out the same way (S summed log-probs, n response tokens, a = S / n,
+# R the reference's summed log-probs, NLL_w = -sum of the chosen S / sum of the chosen n):
+#   slic  max(0, slic_delta - (S_c - S_r)) + nll_weight * NLL_w
+#   ipo   (h - 1/(2 beta))^2, h = (a_c - R_c/n_c) - (a_r - R_r/n_r)
+#   cpo   -(1 - eps) log sigmoid(beta (S_c - S_r)) - eps log sigmoid(-beta (S_c - S_r)) + nll_weight * NLL_w
+#   orpo  NLL_w - beta log sigmoid(lo), lo = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r))
+#   kto   (w_d (1 - sigmoid(u_c)) + w_u (1 - sigmoid(u_r))) / 2, u_c = beta (S_c - R_c - KL), u_r = beta (KL - (S_r - R_r))
+# with (r, gamma, |d loss_i / d z_i|) per pair as docs/train.md's table gives them.
+def hand_baseline(loss_type, sums, lengths, ref, beta, params, eps=0.0):
+    """(loss, d loss / d sums, metrics) of a baseline from the formulas above, in Python floats."""
+    pairs = len(sums) // 2
+    s_c, s_r, n_c, n_r = sums[:pairs], sums[pairs:], lengths[:pairs], lengths[pairs:]
+    a_c, a_r = [s / n for s, n in zip(s_c, n_c)], [s / n for s, n in zip(s_r, n_r)]
+    ref_c, ref_r = (ref[:pairs], ref[pairs:]) if ref is not None else (None, None)
+    nll = -sum(s_c) / sum(n_c)
+    d_nll_c = -1.0 / sum(n_c)  # d NLL_w / d S_c (every chosen row alike)
+    per, g_c, g_r, rewards_c, rewards_r, margins, rs, gammas, ds = ([] for _ in range(9))
+    nll_weight = {"slic": params.get("nll_weight", 0.1), "cpo": params.get("nll_weight", 1.0), "orpo": 1.0}.get(loss_type, 0.0)
+    for i in range(pairs):
+        if loss_type == "slic":
+            delta = params.get("slic_delta", 1.0)
+            z = (s_c[i] - s_r[i]) - delta
+            per.append(max(0.0, -z))
+            slope = -1.0 if z < 0 else 0.0  # d per / d z
+            g_c.append(slope / pairs)
+            g_r.append(-slope / pairs)
+            rewards_c.append(beta * s_c[i]), rewards_r.append(beta * s_r[i]), margins.append(delta)
+            rs.append(s_c[i] - s_r[i]), gammas.append(delta), ds.append(abs(slope))
+            scores = (s_c, s_r)
+        elif loss_type == "ipo":
+            h = (a_c[i] - ref_c[i] / n_c[i]) - (a_r[i] - ref_r[i] / n_r[i])
+            z = h - 1 / (2 * beta)
+            per.append(z * z)
+            g_c.append(2 * z / n_c[i] / pairs)
+            g_r.append(-2 * z / n_r[i] / pairs)
+            rewards_c.append(beta * (a_c[i] - ref_c[i] / n_c[i])), rewards_r.append(beta * (a_r[i] - ref_r[i] / n_r[i]))
+            margins.append(1 / (2 * beta))
+            rs.append(a_c[i] - a_r[i]), gammas.append(ref_c[i] / n_c[i] - ref_r[i] / n_r[i] + 1 / (2 * beta))
+            ds.append(2 * abs(z))
+            scores = (a_c, a_r)
+        elif loss_type == "cpo":
+            z = beta * (s_c[i] - s_r[i])
+            per.append(-(1 - eps) * log_sigmoid(z) - eps * log_sigmoid(-z))
+            slope = -((1 - eps) * sigmoid(-z) - eps * sigmoid(z))
+            g_c.append(beta * slope / pairs)
+            g_r.append(-beta * slope / pairs)
+            rewards_c.append(beta * s_c[i]), rewards_r.append(beta * s_r[i]), margins.append(0.0)
+            rs.append(z), gammas.append(0.0), ds.append(abs(slope))
+            scores = (s_c, s_r)
+        elif loss_type == "orpo":
+            lo = (a_c[i] - a_r[i]) - (math.log(1 - math.exp(a_c[i])) - math.log(1 - math.exp(a_r[i])))
+            per.append(-beta * log_sigmoid(lo))
+            slope = -beta * sigmoid(-lo)  # d per / d lo; d lo / d a_c = 1 / (1 - e^a_c)
+            g_c.append(slope / (1 - math.exp(a_c[i])) / n_c[i] / pairs)
+            g_r.append(-slope / (1 - math.exp(a_r[i])) / n_r[i] / pairs)
+            rewards_c.append(beta * a_c[i]), rewards_r.append(beta * a_r[i]), margins.append(0.0)
+            rs.append(lo), gammas.append(0.0), ds.append(-slope)
+            scores = (a_c, a_r)
+        elif loss_type == "kto":
+            kl, w_d, w_u = params["kto_kl"], params.get("desirable_weight", 1.0), params.get("undesirable_weight", 1.0)
+            u_c = beta * (s_c[i] - ref_c[i] - kl)
+            u_r = beta * (kl - (s_r[i] - ref_r[i]))
+            per.append((w_d * (1 - sigmoid(u_c)) + w_u * (1 - sigmoid(u_r))) / 2)
+            slope_c, slope_r = sigmoid(u_c) * sigmoid(-u_c), sigmoid(u_r) * sigmoid(-u_r)
+            g_c.append(-w_d * slope_c * beta / 2 / pairs)
+            g_r.append(w_u * slope_r * beta / 2 / pairs)
+            rewards_c.append(beta * (s_c[i] - ref_c[i])), rewards_r.append(beta * (s_r[i] - ref_r[i]))
+            margins.append(0.0)
+            rs.append(beta * (s_c[i] - s_r[i])), gammas.append(beta * (ref_c[i] - ref_r[i]))
+            ds.append((w_d * slope_c + w_u * slope_r) / 4)
+            scores = (s_c, s_r)
+    loss = statistics.fmean(per) + nll_weight * nll
+    grad = [g + nll_weight * d_nll_c for g in g_c] + g_r
+    metrics = hand_pair_metrics(sums, lengths, *scores, rewards_c, rewards_r, margins, beta)
+    metrics.update(hand_dynamics(rs, gammas, ds))
+    return loss, grad, metrics
+
+
+def assert_baseline_matches(loss_type, sums, lengths, ref, beta, params, eps=0.0):
+    loss, grad, metrics = run_objective(
+        sums, lengths, beta=beta, loss_type=loss_type, label_smoothing=eps,
+        ref_logps=None if ref is None else torch.tensor(ref, dtype=torch.float64), **params,
+    )
+    hand_loss, hand_grad, hand_metrics = hand_baseline(loss_type, sums, lengths, ref, beta, params, eps)
+    context = f"{loss_type} beta={beta} {params}, sums={sums}, lengths={lengths}, ref={ref}"
+    assert loss.item() == pytest.approx(hand_loss, rel=1e-12, abs=1e-12), context
+    torch.testing.assert_close(grad, torch.tensor(hand_grad, dtype=torch.float64), rtol=1e-10, atol=1e-14, msg=context)
+    assert list(metrics) == list(SEQUENCE_METRIC_KEYS) and sorted(metrics) == sorted(hand_metrics)
+    for key, value in metrics.items():
+        assert value.item() == pytest.approx(hand_metrics[key], rel=1e-6, abs=1e-6), f"{key}: {context}"
+    return metrics
+
+
+BASELINE_CASES = {
+    "slic-default": ("slic", {}),
+    "slic": ("slic", {"slic_delta": 2.5, "nll_weight": 0.3}),
+    "ipo": ("ipo", {}),
+    "cpo-default": ("cpo", {}),
+    "cpo": ("cpo", {"nll_weight": 0.4}),
+    "orpo": ("orpo", {}),
+    "kto": ("kto", {"kto_kl": 0.7}),
+    "kto-weighted": ("kto", {"kto_kl": 0.0, "desirable_weight": 1.5, "undesirable_weight": 0.6}),
+}
+
+
+@pytest.mark.parametrize("case", BASELINE_CASES)
+def test_baselines_match_hand_formulas(case):
+    loss_type, params = BASELINE_CASES[case]
+    rng = random.Random()
+    # A shift below 0.2 keeps every mean log-prob negative, as a log-prob is (ORPO takes log(1 - e^a)).
+    sums, lengths = random_pairs(rng, pairs=6, mu_shift=0.15)
+    ref = [s + rng.uniform(-4.0, 4.0) for s in sums] if loss_type in ("ipo", "kto") else None
+    # SLiC's hinge: a slic_delta inside the spread of the gaps, so that some pairs are past it and some are not.
+    if loss_type == "slic":
+        gaps = sorted(c - r for c, r in zip(sums[:6], sums[6:]))
+        params = {**params, "slic_delta": (gaps[2] + gaps[3]) / 2}
+    assert_baseline_matches(loss_type, sums, lengths, ref, rng.uniform(0.1, 2.0), params)
+
+
+def test_cpo_label_smoothing_matches_hand_formula():
+    rng = random.Random()
+    sums, lengths = random_pairs(rng, pairs=5, mu_shift=0.15)
+    assert_baseline_matches("cpo", sums, lengths, None, rng.uniform(0.05, 0.5), {}, eps=0.2)
+
+
+def test_orpo_is_finite_where_every_token_is_certain():
+    """A mean log-prob of exactly 0 would make log(1 - e^a) infinite; the cap keeps loss and gradient finite."""
+    sums = torch.tensor([0.0, -3.0, -1e-30, 0.0], dtype=torch.float64, requires_grad=True)
+    loss, metrics = preference_objective(sums, torch.tensor([2, 3, 1, 4]), beta=0.1, loss_type="orpo")
+    (grad,) = torch.autograd.grad(loss, sums)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert all(torch.isfinite(value) for value in metrics.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss_type="kto", ref_logps=torch.zeros(4)), "needs kto_kl"),
+        (dict(loss_type="dpo", ref_logps=torch.zeros(4), slic_delta=1.0), "slic_delta is a parameter of loss_type slic"),
+        (dict(loss_type="slic", label_smoothing=0.1), "takes no label smoothing"),
+        (dict(loss_type="cpo", nll_weight=float("nan")), "nll_weight=nan: must be finite"),
+        (dict(loss_type="kto", ref_logps=torch.zeros(4), kto_kl=torch.zeros(2)), "kto_kl must be a float or a 0-dim"),
+    ],
+    ids=["kto-without-kl", "foreign-keyword", "smoothing", "nan-weight", "kl-shape"],
+)
+def test_bad_loss_keywords_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        preference_objective(torch.randn(4, dtype=torch.float64), torch.ones(4), beta=0.5, **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["amapo", "amapo_no_zero", "simpo", "dpo", "slic", "ipo", "cpo", "orpo", "kto"])
+def test_dynamics_metrics_sum_and_bound(loss_type):
+    """On random inputs: the four cases are fractions summing to 1, consistent with the pairs' ranking; the
+    misranked share lies in [0, 1] and equals its definition from the two means."""
+    rng = random.Random()
+    pairs = rng.randint(2, 12)
+    sums, lengths = random_pairs(rng, pairs=pairs, mu_shift=rng.uniform(-0.5, 0.15))
+    ref = torch.tensor([s + rng.uniform(-3.0, 3.0) for s in sums], dtype=torch.float64)
+    params = {"kto_kl": rng.uniform(0, 1)} if loss_type == "kto" else {}
+    _, _, metrics = run_objective(
+        sums, lengths, beta=rng.uniform(0.1, 3.0), loss_type=loss_type,
+        ref_logps=ref if loss_type in ("dpo", "ipo", "kto") else None, **params,
+    )
+    cases = [metrics[f"dynamics/case{k}"].item() for k in range(1, 5)]
+    assert all(0 <= c <= 1 for c in cases) and sum(cases) == pytest.approx(1.0, abs=1e-6)
+    # Correctly ranked (cases 1 and 2) is r > 0; for every loss type here r > 0 exactly when the chosen response
+    # has the higher score (ORPO's log odds are increasing in the mean log-prob).
+    correct = cases[0] + cases[1]
+    scores_summed = loss_type in ("dpo", "slic", "cpo", "kto")
+    chosen = [s if scores_summed else s / n for s, n in zip(sums[:pairs], lengths[:pairs])]
+    rejected = [s if scores_summed else s / n for s, n in zip(sums[pairs:], lengths[pairs:])]
+    assert correct == pytest.approx(statistics.fmean([float(c > r) for c, r in zip(chosen, rejected)]), abs=1e-6)
+    share = metrics["dynamics/misranked_grad_share"].item()
+    assert 0 <= share <= 1
+    right, wrong = metrics["dynamics/grad_correct_mean"].item(), metrics["dynamics/grad_misranked_mean"].item()
+    assert right >= 0 and wrong >= 0
+    total = correct * pairs * right + (1 - correct) * pairs * wrong
+    if total > 0:
+        assert share == pytest.approx((1 - correct) * pairs * wrong / total, rel=1e-5, abs=1e-7)

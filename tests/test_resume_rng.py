@@ -1,4 +1,4 @@
-"""A resumed run draws the same random numbers as the run it continues.
+"""A resumed run draws the same random numbers as the run it continues, and logs the same curve.
 
 The trainer turns dropout off, so its other tests would pass with the RNG state never restored; here the
 toy model keeps attention dropout on, making every training loss depend on the RNG stream.
@@ -53,3 +53,22 @@ def test_resume_restores_the_rng_with_dropout_on(dropout_on, tmp_path):
     assert sorted(resumed) == [3, 4]
     for step in resumed:
         assert resumed[step] == pytest.approx(whole[step], rel=1e-6), f"step {step}"
+
+
+def test_the_logged_curve_after_a_resume_equals_the_uninterrupted_one(tmp_path):
+    """A checkpoint between two records (step 4 of a 3-step logging window): the first record after the resume
+    averages steps 4 to 6, as the uninterrupted run's does, not only the steps since the resume."""
+    args = SHORT + ["--max_steps", "6", "--logging_steps", "3", "--toy_num_train", "48"]
+    main(args + ["--output_dir", str(tmp_path / "whole")])
+    main(args + ["--output_dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "whole" / "checkpoint-4")])
+
+    def records(name):
+        lines = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        return {record["step"]: record for record in map(json.loads, lines) if "loss" in record}
+
+    whole, resumed = records("whole"), records("resumed")
+    assert sorted(whole) == [3, 6] and sorted(resumed) == [6]  # resumed into a fresh folder
+    timing = {"tokens_per_s", "memory/peak_gib"}  # wall-clock figures, different in every run
+    assert resumed[6].keys() == whole[6].keys()
+    for key in resumed[6].keys() - timing:
+        assert resumed[6][key] == pytest.approx(whole[6][key], rel=1e-6), key

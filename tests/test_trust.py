@@ -3,6 +3,7 @@ weights, logs stay strict JSON, checkpoints are verified against their manifest,
 half-deleted checkpoint that looks complete, a second run on the same output folder is refused, a resume on
 another number of processes continues with exactly the next pairs (FSDP2) or is refused in one line
 (DeepSpeed), evaluation refuses NaN log-probs, and data errors say where."""
+import errno
 import json
 import os
 import re
@@ -279,6 +280,72 @@ def test_rotation_killed_halfway_leaves_nothing_that_looks_complete(tmp_path, mo
     finally:
         dist.destroy_process_group()
     assert completed_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-4")]
+
+
+class _FullDiskEngine(_FakeEngine):
+    def save(self, directory):
+        os.makedirs(os.path.join(directory, "dcp"))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_abandons_the_checkpoint_and_keeps_the_earlier_ones(tmp_path):
+    import torch.distributed as dist
+
+    from amapo_fast.checkpoint import save_checkpoint
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        save_checkpoint(_FakeEngine(), str(tmp_path), 2, {"global_step": 2}, 1, 0)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint-4 abandoned: the disk holding {tmp_path} is full "
+                                                  r"\(\[Errno 28\] No space left on device\); its partial files were "
+                                                  rf"removed.*the last checkpoint saved before it is "
+                                                  rf"{tmp_path / 'checkpoint-2'}\)") as raised:
+            save_checkpoint(_FullDiskEngine(), str(tmp_path), 4, {"global_step": 4}, 1, 0)
+    finally:
+        dist.destroy_process_group()
+    assert "\n" not in str(raised.value)
+    assert completed_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-2")]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-2"]
+    verify_checkpoint(str(tmp_path / "checkpoint-2"))
+
+
+# What torch.save's zip writer raises when the disk takes fewer bytes than it wrote.
+SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+
+
+@pytest.mark.parametrize("what", ["checkpoint-4", "final"])
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, monkeypatch, what):
+    """The trainer's own saves: the scheduler state of checkpoint-4 (torch.save), or final/'s weights."""
+    import transformers.modeling_utils
+
+    output_dir = tmp_path / "out"
+    if what == "final":
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+        detail = r"\[Errno 28\] No space left on device"
+    else:
+        real_save = torch.save
+
+        def full(obj, path, *args, **kwargs):
+            if f"{what}.tmp" in str(path):
+                raise RuntimeError(SHORT_WRITE)
+            return real_save(obj, path, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", full)
+        detail = re.escape(SHORT_WRITE)
+    target = output_dir / what
+    with pytest.raises(CheckpointError, match=rf"^{'checkpoint-4' if what != 'final' else target} abandoned: the "
+                                              rf"disk holding {output_dir} is full \({detail}\)"):
+        main(FROZEN + ["--max_steps", "4", "--save_total_limit", "1", "--save_final", "true", "--output_dir",
+                       str(output_dir), "--debug"])
+    expected = ["checkpoint-2", "checkpoint-4"] if what == "final" else ["checkpoint-2"]
+    assert completed_checkpoints(str(output_dir)) == [str(output_dir / name) for name in expected[-1:]]
+    assert not [path.name for path in output_dir.iterdir() if path.name.endswith((".tmp", ".partial"))]
+    assert not (output_dir / "final").exists()
+    verify_checkpoint(str(output_dir / expected[-1]))
+    assert max(_train_losses(output_dir)) == 4
 
 
 def test_second_run_on_a_busy_output_dir_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
