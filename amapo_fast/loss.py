@@ -121,11 +121,11 @@ def _metric_keys(with_token_metrics: bool):
 
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend, with_token_metrics):
+    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend, with_token_metrics, one_pass):
         response_hidden = tokens.gather(hidden)
         # A frozen head (no gradient for weight or bias): pass 1 also forms dH's basis and pass 2 is skipped.
-        ctx.frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        if ctx.frozen:
+        ctx.frozen = one_pass
+        if one_pass:
             pass1, basis = frozen_head.token_logprobs_and_basis(response_hidden, weight, bias, tokens.targets)
         else:
             pass1 = backend.token_logprobs(response_hidden, weight, bias, tokens.targets, token_metrics=with_token_metrics)
@@ -176,6 +176,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             d_hidden,
             d_weight if ctx.needs_input_grad[1] else None,
             d_bias if ctx.needs_input_grad[2] else None,
+            None,
             None,
             None,
             None,
@@ -385,7 +386,8 @@ def linear_preference_loss(
             )
         return loss, {key: metrics[key] for key in _metric_keys(token_metrics)}
     loss, metric_values = _FusedPreferenceLoss.apply(
-        hidden, weight, bias, tokens, objective_kwargs, _backend(impl), bool(token_metrics)
+        hidden, weight, bias, tokens, objective_kwargs, _backend(impl), bool(token_metrics),
+        frozen_head.applies(hidden, weight, bias),
     )
     return loss, dict(zip(_metric_keys(token_metrics), metric_values.unbind()))
 

@@ -5,6 +5,8 @@ on CPU in well under a minute and prints held-out ranking accuracy before and af
 preference pairs -> PreferencePolicy (backbone + fused loss head) under FSDP2 or DeepSpeed ZeRO-3 ->
 AdamW, cosine schedule, accumulation, clipping; metrics averaged over ranks to stdout, JSONL and
 optionally TensorBoard / W&B; atomic sharded checkpoints; a from_pretrained folder at the end.
+What differs between training stages (preference pairs, `--stage sft`) is one stage object: PreferenceStage
+below, sft.SftStage.
 """
 import os
 import sys
