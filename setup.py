@@ -36,7 +36,8 @@ setup(
         "wandb": ["wandb"],
         # A peer in the benchmark (CUDA only), measured when installed.
         "cut-cross-entropy": ["cut-cross-entropy"],
-        # TRL's CPOTrainer and DPOTrainer, compared in bench/train_step.py when installed.
+        # TRL's CPOTrainer and DPOTrainer, compared in bench/train_step.py when installed; its CPO, IPO and ORPO
+        # loss functions are the references of tests/test_losses.py (skipped without it).
         "trl": ["trl>=1.0"],
         # LoRA adapters (--use_peft); QLoRA's 4-bit base (--load_in_4bit, CUDA only) also needs bitsandbytes.
         "peft": ["peft>=0.13"],

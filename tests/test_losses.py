@@ -178,3 +178,27 @@ def test_evaluation_report_has_amapo_dynamics():
     assert sum(figures[f"case{k}"] for k in range(1, 5)) == pytest.approx(1.0)
     assert figures["case1"] + figures["case2"] == pytest.approx(summary["ranking_accuracy"])
     assert "AMaPO misranked gradient share %" in markdown_table({"model": {"overall": summary}})
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_kl_completions_pair_each_prompt_with_the_next_chosen_response(packed):
+    """KTO's mismatched completions: prompt i with the chosen response of pair i + 1 (the last with the first),
+    truncated to max_length, under kl_ keys beside the ordinary batch."""
+    from amapo_fast.data import PreferenceCollator
+    from amapo_fast.losses.kto import KLCompletions
+
+    rows = [{"prompt_input_ids": [1, 10 + i, 11 + i], "chosen_input_ids": [20 + i] * (2 + i),
+             "rejected_input_ids": [30 + i]} for i in range(3)]
+    collator = PreferenceCollator(0, packed=packed)
+    batch = KLCompletions(collator, max_length=6)(rows)
+    assert torch.equal(batch["input_ids"], collator(rows)["input_ids"])
+    labels = batch["kl_labels"].reshape(-1) if packed else batch["kl_labels"]
+    tokens = batch["kl_input_ids"].reshape(-1) if packed else batch["kl_input_ids"]
+    bounds = batch["kl_cu_seqlens"].tolist() if packed else None
+    for i, row in enumerate(rows):
+        other = rows[(i + 1) % 3]["chosen_input_ids"][: 6 - 3]
+        sequence = row["prompt_input_ids"] + other
+        row_tokens = tokens[bounds[i]:bounds[i + 1]] if packed else tokens[i][: len(sequence) - 1]
+        row_labels = labels[bounds[i]:bounds[i + 1]] if packed else labels[i]
+        assert row_tokens.tolist() == sequence[:-1]
+        assert [t for t in row_labels.tolist() if t != -100] == other
