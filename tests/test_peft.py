@@ -165,15 +165,21 @@ def test_merged_final_loads_with_transformers(tmp_path):
     _check_reproduces(AutoModelForCausalLM.from_pretrained(final), final, tmp_path / "out", 16)
 
 
-def test_dpo_reference_is_the_base_with_adapters_off(tmp_path):
-    """DPO with adapters and no reference model: the first loss is log 2 (reference = initial policy), and
-    the loss then moves (the reference stays the base while the adapters train)."""
+# The first loss of a reference loss when the reference equals the initial policy (beta 0.1): DPO -log sigmoid(0),
+# IPO (0 - 1/(2 beta))^2, KTO 1 - sigmoid(0).
+FIRST_LOSS_AT_REFERENCE = {"dpo": 0.6931472, "ipo": 25.0, "kto": 0.5}
+
+
+@pytest.mark.parametrize("loss_type", sorted(FIRST_LOSS_AT_REFERENCE))
+def test_reference_is_the_base_with_adapters_off(tmp_path, loss_type):
+    """A loss with a reference, adapters and no reference model: the first loss is the one at reference =
+    initial policy, and the loss then moves (the reference stays the base while the adapters train)."""
     from amapo_fast.train import main
 
-    main(TINY + ["--loss_type", "dpo", "--beta", "0.1", "--eval_split", "none", "--save_final", "false",
-                 "--output_dir", str(tmp_path / "dpo")])
-    losses = _train_losses(tmp_path / "dpo")
-    assert losses[1] == pytest.approx(0.6931472, abs=1e-6)
+    main(TINY + ["--loss_type", loss_type, "--beta", "0.1", "--eval_split", "none", "--save_final", "false",
+                 "--output_dir", str(tmp_path / "out")])
+    losses = _train_losses(tmp_path / "out")
+    assert losses[1] == pytest.approx(FIRST_LOSS_AT_REFERENCE[loss_type], rel=1e-6)
     assert losses[3] != pytest.approx(losses[1], abs=1e-5)
 
 
