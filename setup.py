@@ -26,6 +26,8 @@ setup(
         "pyyaml",
         "matplotlib",
     ],
+    # torchrun for the trainer: settings checked before the workers start, the worker's exit status at the end.
+    entry_points={"console_scripts": ["amapo-train = amapo_fast.launch:main"]},
     extras_require={
         # ZeRO-3 loading partitions weights as they load via transformers' HfDeepSpeedConfig, which needs accelerate.
         "deepspeed": ["deepspeed>=0.15", "accelerate"],

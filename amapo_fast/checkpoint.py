@@ -6,8 +6,9 @@ Layout of `output_dir/checkpoint-N/`: the engine's sharded state (DCP `dcp/` + `
 DeepSpeed's own `deepspeed/` folder for ZeRO-3), `rng_state_<rank>.pt`, `trainer_state.json` (step, data
 position, number of processes, settings, and the list of every file the save wrote) and `manifest.json` (size
 and xxh3-64 hash of every other file), both written after every rank has finished. A resume refuses a
-checkpoint unless the manifest lists, and matches, the trainer state and every file that it names. `output_dir` must be visible to every node (a shared
-filesystem) for multi-node runs.
+checkpoint unless the manifest lists, and matches, the trainer state and every file that it names. A save
+that cannot be written (a full disk) is abandoned on every rank and its temporary folder removed.
+`output_dir` must be visible to every node (a shared filesystem) for multi-node runs.
 """
 import errno
 import json
@@ -237,7 +238,8 @@ def set_rng_state(state: dict):
 
 
 class _WriteFailed(Exception):
-    """Some rank could not write its part of a save: (rank, disk-full error or None, first line) per failure."""
+    """Some rank could not write its part of a save: per failure (rank, whether the disk was full, first line of
+    the error); `local` is this rank's own error, if it had one."""
 
     def __init__(self, failures: list, local: BaseException | None):
         super().__init__(failures)
@@ -257,7 +259,8 @@ def _disk_full(error: BaseException) -> BaseException | None:
         if isinstance(current, RuntimeError) and SHORT_WRITE.search(str(current)):
             return current
         if isinstance(current, CheckpointException):
-            pending.extend(failure[0] if isinstance(failure, tuple) else failure for failure in current.failures.values())
+            failures = current.failures.values()
+            pending.extend(failure[0] if isinstance(failure, tuple) else failure for failure in failures)
         pending.extend((current.__cause__, current.__context__))
     return None
 
@@ -276,7 +279,10 @@ def _agreed(write):
         failure = None
     except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
         failure = error
-    report = None if failure is None else (rank, _disk_full(failure) is not None, _first_line(_disk_full(failure) or failure))
+    report = None
+    if failure is not None:
+        full = _disk_full(failure)
+        report = (rank, full is not None, _first_line(full or failure))
     failures = [item for item in _gather(report) if item is not None]
     if failures:
         raise _WriteFailed(failures, failure)

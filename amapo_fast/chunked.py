@@ -36,8 +36,9 @@ def _logits(hidden, weight_acc, bias):
     return logits
 
 
-def token_logprobs(hidden, weight, bias, targets, chunk_bytes: int = CHUNK_BYTES) -> TokenLogprobs:
-    """Pass 1: per-token log-prob, log-sum-exp and metric inputs (fp32; float64 for float64 inputs)."""
+def token_logprobs(hidden, weight, bias, targets, chunk_bytes: int = CHUNK_BYTES, token_metrics=True) -> TokenLogprobs:
+    """Pass 1: per-token log-prob, log-sum-exp and metric inputs (fp32; float64 for float64 inputs).
+    token_metrics=False skips the metric inputs (mean_logit, entropy, argmax_hit are None)."""
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     acc = accumulation_dtype(hidden.dtype)
     result = TokenLogprobs(*torch.empty(5, num_tokens, dtype=acc, device=hidden.device))
@@ -59,13 +60,15 @@ def token_logprobs(hidden, weight, bias, targets, chunk_bytes: int = CHUNK_BYTES
         lse = top.squeeze(1) + log_sum_exp
         result.lse[start:stop] = lse
         result.logp[start:stop] = target_logit.squeeze(1) - lse
+        if not token_metrics:
+            continue
         # entropy = lse - E_p[logit] = log(sum_exp) - E_p[logit - max]: on the shifted logits the two terms are
         # small and their difference keeps fp32 precision. The row-wise dot products go through einsum
         # (a batched matmul), several times faster on CPU than multiply-and-sum.
         result.entropy[start:stop] = log_sum_exp - torch.einsum("tv,tv->t", exp_shifted, shifted) / sum_exp
         result.argmax_hit[start:stop] = (target_logit >= top).squeeze(1).to(acc)
         result.mean_logit[start:stop] = hidden[start:stop].to(acc) @ mean_row + mean_bias
-    return result
+    return result if token_metrics else result._replace(mean_logit=None, entropy=None, argmax_hit=None)
 
 
 def token_grads(hidden, weight, bias, targets, lse, coef, chunk_bytes: int = CHUNK_BYTES, chunk_columns=None):

@@ -188,7 +188,7 @@ def require_hub_reachable(name: str, flag: str, timeout: float = 3.0):
         )
 
 
-EXPORT_HINT = "export one to a model folder with python -m amapo_fast.export"
+EXPORT_HINT = "export {what} to a model folder with python -m amapo_fast.export {checkpoint} FOLDER"
 
 
 def check_model_folder(path: str, flag: str):
@@ -210,14 +210,15 @@ def check_model_folder(path: str, flag: str):
     if names & {"trainer_state.json", "dcp", "manifest.json"} or re.fullmatch(r"checkpoint-\d+(\.tmp)?", os.path.basename(os.path.normpath(path))):
         raise UserError(
             f"{flag} {path}: a training checkpoint (sharded training state), not a model folder: pass the run's "
-            f"final/ folder, or {EXPORT_HINT.replace('one', 'this checkpoint')}"
+            f"final/ folder, or {EXPORT_HINT.format(what='this checkpoint', checkpoint=path)}"
         )
     if any(os.path.isfile(os.path.join(path, "final", name)) for name in ("config.json", "adapter_config.json")):
         raise UserError(f"{flag} {path}: a training run's output folder; its trained model is {os.path.join(path, 'final')}")
     if "log.jsonl" in names or any(re.fullmatch(r"checkpoint-\d+", name) for name in names):
         raise UserError(
             f"{flag} {path}: a training run's output folder without a final/ model (the run has not finished, or "
-            f"ran with --save_final false): {EXPORT_HINT.replace('one', 'one of its checkpoints')}"
+            f"ran with --save_final false): "
+            f"{EXPORT_HINT.format(what='one of its checkpoints', checkpoint=os.path.join(path, 'checkpoint-N'))}"
         )
     raise UserError(f"{flag} {path}: no config.json, so not a model folder (from_pretrained needs config.json and the weights)")
 

@@ -22,10 +22,9 @@ SFT_METRIC_KEYS = ("mean_token_accuracy", "entropy")  # TRL's SFTTrainer logs th
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, positions, targets, reduction, backend):
+    def forward(ctx, hidden, weight, bias, positions, targets, reduction, backend, frozen):
         flat = hidden.reshape(-1, hidden.shape[-1])
         response = flat.index_select(0, positions)
-        frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         if frozen:
             pass1, basis = frozen_head.token_logprobs_and_basis(response, weight, bias, targets)
         else:
@@ -77,6 +76,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -117,7 +117,9 @@ def _cross_entropy(hidden, weight, labels, bias, ignore_index, reduction, impl):
         loss = zero.expand(labels.shape).to(torch.promote_types(hidden.dtype, torch.float32))
         return (loss if reduction == "none" else loss.sum()), torch.zeros(2, device=hidden.device), 0
     targets = flat_labels[positions].long()
-    loss, stats = _FusedCrossEntropy.apply(hidden, weight, bias, positions, targets, reduction, _backend(impl))
+    loss, stats = _FusedCrossEntropy.apply(
+        hidden, weight, bias, positions, targets, reduction, _backend(impl), frozen_head.applies(hidden, weight, bias)
+    )
     return loss, stats, positions.numel()
 
 

@@ -229,8 +229,9 @@ def _feature_kind(feature) -> str:
         return "a string"
     if isinstance(feature, list) or type(feature).__name__ in ("List", "LargeList", "Sequence"):
         message = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
-        content = message.get("content") if isinstance(message, dict) else None
-        if getattr(content, "dtype", None) in ("string", "large_string"):
+        if not isinstance(message, dict):
+            return "a list"  # of strings, say (RM-Bench's three responses per row): read by its own code
+        if getattr(message.get("content"), "dtype", None) in ("string", "large_string"):
             return "a message list"
     return "mixed"  # e.g. datasets' Json feature: strings in some rows, lists in others; or non-text contents
 
@@ -381,7 +382,8 @@ def _check_columns(dataset):
     missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
     if missing:
         raise ValueError(
-            f"preference dataset is missing column(s) {missing}; it has {dataset.column_names}. Expected "
+            f"preference dataset is missing column(s) {missing}; it has "
+            f"{[column for column in dataset.column_names if column != SOURCE_ROW]}. Expected "
             "'chosen' and 'rejected' (message lists or strings), plus 'prompt' unless chosen/rejected include "
             "the user turn"
         )

@@ -21,6 +21,13 @@ from . import vocab_chunks
 from .vocab_chunks import SCRATCH_BYTES, TokenLogprobs, _accumulate
 
 
+def applies(hidden, weight, bias) -> bool:
+    """Whether a loss call takes the one-pass path: gradients are being recorded, hidden needs one and the
+    head (weight and bias) does not. Without any gradient to form, plain pass 1 is cheaper."""
+    head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    return torch.is_grad_enabled() and hidden.requires_grad and not head_grad
+
+
 def token_logprobs_and_basis(hidden, weight, bias, targets, columns=None):
     """(pass 1's TokenLogprobs, the gradient basis g [n, D]), all fp32 (float64 for float64 inputs).
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import chunked, frozen_head
-from .objective import METRIC_KEYS, preference_objective, token_metrics, validate_objective_args
+from .objective import METRIC_KEYS, SEQUENCE_METRIC_KEYS, preference_objective, token_metrics, validate_objective_args
 from .reference import reference_preference_loss, reference_sequence_logps
 
 IMPLS = ("auto", "triton", "chunked", "reference")
@@ -24,7 +24,7 @@ IMPLS = ("auto", "triton", "chunked", "reference")
 def _triton_backend():
     # Imported lazily: triton is only needed for impl="triton".
     from .kernels.dlogits_backward import token_grads
-    from .kernels.lse_forward import token_logprobs
+    from .kernels.forward import token_logprobs
 
     return SimpleNamespace(token_logprobs=token_logprobs, token_grads=token_grads)
 
@@ -114,24 +114,29 @@ class ResponseTokens:
         return _add_rows(token_values.new_zeros(self.num_rows), self.sequence, token_values)
 
 
+def _metric_keys(with_token_metrics: bool):
+    """The metric keys a call returns: the token-level ones only when asked for."""
+    return METRIC_KEYS if with_token_metrics else SEQUENCE_METRIC_KEYS
+
+
 class _FusedPreferenceLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend):
+    def forward(ctx, hidden, weight, bias, tokens, objective_kwargs, backend, with_token_metrics, one_pass):
         response_hidden = tokens.gather(hidden)
         # A frozen head (no gradient for weight or bias): pass 1 also forms dH's basis and pass 2 is skipped.
-        ctx.frozen = not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        if ctx.frozen:
+        ctx.frozen = one_pass
+        if one_pass:
             pass1, basis = frozen_head.token_logprobs_and_basis(response_hidden, weight, bias, tokens.targets)
         else:
-            pass1, basis = backend.token_logprobs(response_hidden, weight, bias, tokens.targets), None
+            pass1 = backend.token_logprobs(response_hidden, weight, bias, tokens.targets, token_metrics=with_token_metrics)
+            basis = None
 
         with torch.enable_grad():
             sums = tokens.sequence_sums(pass1.logp).detach().requires_grad_(True)
             loss, metrics = preference_objective(sums, tokens.counts, **objective_kwargs)
             (d_sums,) = torch.autograd.grad(loss, sums)
-        metrics.update(
-            token_metrics(*(tokens.sequence_sums(v) for v in pass1[2:]), tokens.counts)
-        )
+        if with_token_metrics:
+            metrics.update(token_metrics(*(tokens.sequence_sums(v) for v in pass1[2:]), tokens.counts))
         # Each token's log-prob enters its sequence's sum with weight 1.
         coef = d_sums.to(pass1.logp.dtype)[tokens.sequence]
         # The matrix products only read response rows; a non-finite value elsewhere in hidden (prompt,
@@ -142,7 +147,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
         ctx.save_for_backward(response_hidden, weight, bias, pass1.lse, coef, basis)
         ctx.tokens, ctx.backend, ctx.hidden_shape = tokens, backend, hidden.shape
-        metric_values = torch.stack([metrics[key] for key in METRIC_KEYS])
+        metric_values = torch.stack([metrics[key] for key in _metric_keys(with_token_metrics)])
         ctx.mark_non_differentiable(metric_values)
         return loss.detach(), metric_values
 
@@ -171,6 +176,8 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             d_hidden,
             d_weight if ctx.needs_input_grad[1] else None,
             d_bias if ctx.needs_input_grad[2] else None,
+            None,
+            None,
             None,
             None,
             None,
@@ -323,6 +330,7 @@ def linear_preference_loss(
     impl="auto",
     cu_seqlens=None,
     token_index=None,
+    token_metrics=True,
     **loss_params,
 ):
     """AMaPO (or an ablation, SimPO, DPO, SLiC, IPO, CPO, ORPO, KTO) loss straight from the last hidden states.
@@ -335,7 +343,10 @@ def linear_preference_loss(
     sequences (prefix sharing: chosen and rejected continue one shared prompt).
     Returns (loss, metrics): the mean loss over this rank's pairs and a dict of detached 0-dim fp32
     metrics over this rank's pairs and response tokens, keyed by METRIC_KEYS (the keys TRL and the
-    AMaPO authors log). README.md states the loss exactly.
+    AMaPO authors log). README.md states the loss exactly. token_metrics=False leaves out the token-level
+    metrics (mean logit, entropy, token accuracy; only SEQUENCE_METRIC_KEYS are returned): the forward
+    then runs its lean variant, which only forms each token's log-sum-exp. The loss and gradients are the
+    same either way.
     loss_params: the loss type's own keywords (slic_delta, nll_weight, desirable_weight, undesirable_weight,
     kto_kl; amapo_fast/losses declares them with their defaults); None means the default.
     """
@@ -363,15 +374,22 @@ def linear_preference_loss(
     # checks, and, inside the objective, the margin's branch on a degenerate group (docs/kernels.md).
     tokens = token_index if token_index is not None else ResponseTokens(labels, ignore_index, cu_seqlens)
     _check_labels_and_rows(labels, bad, tokens.counts, weight.shape[0], ignore_index)
-    if impl == "reference" and token_index is not None:
-        token_hidden, targets, token_cu_seqlens = _tokens_by_sequence(hidden, tokens)
-        return reference_preference_loss(token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens, **objective_kwargs)
     if impl == "reference":
-        return reference_preference_loss(
-            hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens, **objective_kwargs
-        )
-    loss, metric_values = _FusedPreferenceLoss.apply(hidden, weight, bias, tokens, objective_kwargs, _backend(impl))
-    return loss, dict(zip(METRIC_KEYS, metric_values.unbind()))
+        if token_index is not None:
+            token_hidden, targets, token_cu_seqlens = _tokens_by_sequence(hidden, tokens)
+            loss, metrics = reference_preference_loss(
+                token_hidden, weight, targets, bias=bias, cu_seqlens=token_cu_seqlens, **objective_kwargs
+            )
+        else:
+            loss, metrics = reference_preference_loss(
+                hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens, **objective_kwargs
+            )
+        return loss, {key: metrics[key] for key in _metric_keys(token_metrics)}
+    loss, metric_values = _FusedPreferenceLoss.apply(
+        hidden, weight, bias, tokens, objective_kwargs, _backend(impl), bool(token_metrics),
+        frozen_head.applies(hidden, weight, bias),
+    )
+    return loss, dict(zip(_metric_keys(token_metrics), metric_values.unbind()))
 
 
 @torch.no_grad()
@@ -400,7 +418,7 @@ def sequence_logps(
             hidden, weight, labels, bias=bias, ignore_index=ignore_index, cu_seqlens=cu_seqlens
         )
     tokens = token_index if token_index is not None else ResponseTokens(labels, ignore_index, cu_seqlens)
-    pass1 = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets)
+    pass1 = _backend(impl).token_logprobs(tokens.gather(hidden), weight, bias, tokens.targets, token_metrics=False)
     return tokens.sequence_sums(pass1.logp), tokens.counts
 
 

@@ -5,6 +5,8 @@ on CPU in well under a minute and prints held-out ranking accuracy before and af
 preference pairs -> PreferencePolicy (backbone + fused loss head) under FSDP2 or DeepSpeed ZeRO-3 ->
 AdamW, cosine schedule, accumulation, clipping; metrics averaged over ranks to stdout, JSONL and
 optionally TensorBoard / W&B; atomic sharded checkpoints; a from_pretrained folder at the end.
+What differs between training stages (preference pairs, `--stage sft`) is one stage object: PreferenceStage
+below, sft.SftStage.
 """
 import os
 import sys
@@ -758,11 +760,10 @@ def remove_earlier_run(output_dir: str):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-@exits_cleanly_on_user_errors
-def main(argv: list[str] | None = None) -> dict:
-    """Parse the settings, join the process group, train; returns the final results (ranking accuracy, eval metrics)."""
+def check_settings(argv: list[str] | None = None) -> TrainConfig:
+    """The settings, refused (a `UserError`) if they or the output folder cannot work; nothing is loaded.
+    `amapo-train` runs this once before it starts the workers."""
     config = parse_config(argv)
-    quiet_library_progress()
     check_output_dir(
         config.output_dir, "--output_dir", must_be_empty=not (config.resume or config.overwrite_output_dir),
         empty_hint="; pass --overwrite_output_dir to replace it, --resume to continue it, or another --output_dir",
@@ -770,6 +771,14 @@ def main(argv: list[str] | None = None) -> dict:
         # live run's lock still refuses it, with that run's pid and host).
         ignore=(LOCK_FILE,),
     )
+    return config
+
+
+@exits_cleanly_on_user_errors
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the settings, join the process group, train; returns the final results (ranking accuracy, eval metrics)."""
+    config = check_settings(argv)
+    quiet_library_progress()
     if config.backend == "deepspeed":
         # DeepSpeed calls collectives that torch has deprecated; the FutureWarning would come back every step.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)

@@ -1,31 +1,36 @@
 """`python bench/gpu_check.py`: the whole GPU story in one run of at most 8 minutes, on a bare CUDA machine.
 
 Stages, each a separate process with its own time limit and its own output file; a stage that fails or
-runs out of time is recorded and the next one runs:
+runs out of time is recorded and the next one runs. At its limit a stage first gets SIGINT (pytest then
+still writes its JUnit file for the tests that ran), a few seconds later SIGKILL for its whole group:
 
-  setup        install the wheels in --wheels (default .wheels/) into a side folder (no index, no deps,
-               nothing installed into the machine's environment) and check that amapo_fast.kernels imports
-               (an editable install of this checkout, without network, if it does not);
-  versions     Python, torch, CUDA, Triton and the GPU, and which optional peers are installed;
-  gpu-tests    the kernels at the Llama-3-8B head on the GPU (tests/test_kernels.py -k gpu);
-  kernel-tests the kernel and loss test files, compiled (bf16, fp16, fp32 against float64 references);
-  determinism  two forward+backward calls of the Triton loss on identical inputs at the Llama-3-8B head:
-               are dH and dW bit-identical?
-  loss-bench   bench/run.py at the Llama-3-8B head (D=4096, V=128256, bf16), dense and realistic, ours
-               against eager, torch.compile, Liger's fused SimPO and cut-cross-entropy: time and peak memory;
-  train-step   bench/train_step.py: a ~1.2B Llama-shaped random model, fused vs reference loss, tokens/s,
-               peak memory and the largest micro-batch each fits.
+  setup          install the wheels in --wheels (default .wheels/) into a side folder (no index, no deps,
+                 nothing installed into the machine's environment) and check that amapo_fast.kernels imports
+                 (an editable install of this checkout, without network, if it does not);
+  versions       Python, torch, CUDA, Triton and the GPU, and which optional peers are installed;
+  determinism    two forward+backward calls of the Triton loss on identical inputs at the Llama-3-8B head:
+                 are dH and dW bit-identical? (the first call also compiles and tunes the kernels);
+  kernel-profile bench/kernel_profile.py: every kernel timed on its own at the Llama-3-8B head (both
+                 forwards, a dlogits chunk, the dH and dW GEMMs) beside a cuBLAS GEMM of the same shape,
+                 the chosen configs' registers, spills and shared memory, a profiler table, clocks, power;
+  loss-bench     bench/run.py at the Llama-3-8B head (D=4096, V=128256, bf16), dense and realistic, ours
+                 against eager, torch.compile, Liger's fused SimPO and cut-cross-entropy: time and peak memory;
+  gpu-tests      the kernels at the Llama-3-8B head on the GPU (tests/test_kernels.py -k gpu);
+  kernel-tests   the kernel and loss test files, compiled, with one pinned kernel config (nothing tunes);
+  trainer        bench/trainer_check.py: torchrun amapo_fast/train.py on the GPU (FSDP2, bf16, the fused
+                 head, packed and prefix-shared batches, a random ~1.2B Llama), a save and a resume;
+  train-step     skipped (see TRAIN_STEP_SKIPPED).
 
 Results go to <out>/ (default bench/results/gpu-check-<date>/): <stage>.log per stage, the benchmarks'
 own files, and summary.md / summary.json (every stage's status, seconds and exit code). When the
-environment variable OUT names a folder, the summary, the two benchmark tables and one .tar.gz of
+environment variable OUT names a folder, the summary, the benchmark tables and one .tar.gz of
 everything are copied there as well.
 
 `--rehearse` runs every stage on the CPU on tiny shapes (Triton through its interpreter), so that the
 first run on a GPU is not the script's first run.
 
   python bench/gpu_check.py                       # on a CUDA machine, < 8 minutes
-  python bench/gpu_check.py --rehearse            # anywhere, a few minutes on 2 cores
+  python bench/gpu_check.py --rehearse            # anywhere, several minutes on 2 cores
   python bench/gpu_check.py --rehearse --stages versions,determinism
 """
 import argparse
@@ -48,18 +53,28 @@ HEAD = dict(dim=4096, vocab=128256)  # Llama-3-8B's lm_head
 TINY_HEAD = dict(dim=64, vocab=512)
 
 
+GRACE_S = 5  # SIGINT this long before a stage's limit, then SIGKILL: pytest writes its JUnit file on SIGINT
+PIN_CONFIG = {"AMAPO_KERNEL_CONFIG": "first"}  # kernels/tuning.py: the first fitting config, no tuning
+# Whole train steps of several methods (bench/train_step.py: FlexAttention's compile, a recompile per
+# micro-batch size, TRL's trainers) need minutes; the trainer stage already times real steps of ours.
+TRAIN_STEP_SKIPPED = ("skipped: bench/train_step.py's methods do not fit in what the 8 minutes leave after the "
+                      "trainer stage, which times real steps of the fused head; run it on its own: python "
+                      "bench/train_step.py --device cuda --methods \"ours padded,authors' style\" --max-pairs 0")
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     limit_s: float  # on a GPU; a rehearsal gets REHEARSAL_LIMIT_S per stage (the interpreter is slow)
     command: Callable  # command(args, out) -> argv of the stage's process, or None when it runs in the driver
     what: str
+    env: dict = None  # extra environment of the stage's process
+    skipped: str = None  # the reason the stage does not run
 
 
-def _pytest(args, out, selection, rehearsal_selection):
-    files = ["tests/test_kernels.py", "tests/test_loss.py"]
+def _pytest(args, out, selection, rehearsal_selection, files=("tests/test_kernels.py", "tests/test_loss.py")):
     select = rehearsal_selection if args.rehearse else selection
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "--durations=5",
+    return [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rs", "--durations=5",
             "--junitxml", str(out / f"{select[0]}.xml"), *files, "-k", select[1]]
 
 
@@ -69,7 +84,18 @@ def _gpu_tests(args, out):
 
 
 def _kernel_tests(args, out):
-    return _pytest(args, out, ("kernel-tests", "not gpu"), ("kernel-tests", "test_matches_float64"))
+    files = ("tests/test_kernels.py", "tests/test_forward_variants.py", "tests/test_loss.py")
+    return _pytest(args, out, ("kernel-tests", "not gpu"), ("kernel-tests", "test_matches_float64 and 37-997-100"),
+                   files)
+
+
+def _kernel_profile(args, out):
+    return [sys.executable, "bench/kernel_profile.py", "--out", str(out)] + (["--rehearse"] if args.rehearse else [])
+
+
+def _trainer(args, out):
+    return [sys.executable, "bench/trainer_check.py", "--out", str(out), "--timeout-s", "200" if args.rehearse else "48"] + (
+        ["--rehearse"] if args.rehearse else [])
 
 
 def _determinism(args, out):
@@ -85,7 +111,8 @@ def _loss_bench(args, out):
     else:
         # N=4096 dense is the headline shape (4096 response tokens); realistic rows are ~28 % response,
         # so N=16384 positions carry about as many response tokens. torch.compile last: it compiles longest.
-        shapes, paths, reps, per_path = "N=4096,T=1024;N=16384,T=1024", "triton,liger,reference,cce,compile", "3", "32"
+        # torch.compile is left out here: its compile takes most of a path's time limit (bench/run.py measures it).
+        shapes, paths, reps, per_path = "N=4096,T=1024;N=16384,T=1024", "triton,liger,reference,cce", "3", "30"
     return [sys.executable, "bench/run.py", "--device", args.device, "--shapes", shapes,
             "--workloads", "dense,realistic", "--paths", paths, "--reps", reps, "--budget-s", "1",
             "--group-timeout", per_path, "--out", str(out), "--name", "loss-bench"]
@@ -116,18 +143,23 @@ def _versions(args, out):
 
 
 STAGES = [
-    Stage("setup", 25, None, "carried wheels into a side folder; amapo_fast.kernels importable"),
-    Stage("versions", 15, _versions, "versions of Python, torch, CUDA, Triton, the GPU and the peers"),
-    Stage("gpu-tests", 60, _gpu_tests, "tests/test_kernels.py -k gpu: the kernels at the Llama-3-8B head"),
-    Stage("kernel-tests", 70, _kernel_tests, "tests/test_kernels.py and tests/test_loss.py, compiled"),
+    Stage("setup", 20, None, "carried wheels into a side folder; amapo_fast.kernels importable"),
+    Stage("versions", 10, _versions, "versions of Python, torch, CUDA, Triton, the GPU and the peers"),
     # The first call at N=4096 compiles and autotunes every config for that token block size (Triton caches
-    # the compiled kernels on disk, so the benchmark's triton path later starts warm).
-    Stage("determinism", 40, _determinism, "two backward calls at the Llama-3-8B head: bit-identical dH, dW?"),
-    Stage("loss-bench", 170, _loss_bench, "bench/run.py at the Llama-3-8B head, dense and realistic"),
-    Stage("train-step", 80, _train_step, "bench/train_step.py: ~1.2B Llama, fused vs reference loss"),
+    # the compiled kernels on disk, so the later stages start warm).
+    Stage("determinism", 35, _determinism, "two backward calls at the Llama-3-8B head: bit-identical dH, dW?"),
+    Stage("kernel-profile", 60, _kernel_profile, "bench/kernel_profile.py: each kernel beside a same-shape cuBLAS GEMM"),
+    Stage("loss-bench", 125, _loss_bench, "bench/run.py at the Llama-3-8B head, dense and realistic"),
+    Stage("gpu-tests", 45, _gpu_tests, "tests/test_kernels.py -k gpu: the kernels at the Llama-3-8B head"),
+    Stage("kernel-tests", 60, _kernel_tests, "the kernel and loss tests, compiled, one pinned config",
+          env=PIN_CONFIG),
+    Stage("trainer", 105, _trainer, "bench/trainer_check.py: torchrun train.py on the GPU, save, resume"),
+    Stage("train-step", 0, _train_step, "bench/train_step.py: ~1.2B Llama, fused vs reference loss",
+          skipped=TRAIN_STEP_SKIPPED),
 ]
 STAGE_NAMES = [stage.name for stage in STAGES]
 REHEARSAL_LIMIT_S = 240
+REHEARSAL_LIMITS_S = {"trainer": 600}  # two CPU training runs with their start-up, on a possibly busy machine
 assert sum(stage.limit_s for stage in STAGES) <= TOTAL_LIMIT_S
 
 
@@ -176,18 +208,30 @@ def setup(args, out, env, log):
 
 
 def run_stage(argv, env, log, limit_s):
-    """Run argv in its own process group; kill the whole group at the limit. (exit code, timed out)."""
+    """Run argv in its own process group; SIGINT GRACE_S before the limit, then kill the whole group.
+    (exit code, timed out)."""
     process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        return process.wait(timeout=limit_s), False
+        return process.wait(timeout=max(limit_s - GRACE_S, 0.1)), False
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the benchmark's workers too: they hold the GPU
+        os.killpg(process.pid, signal.SIGINT)  # pytest writes its JUnit file and summary on the way out
+        try:
+            process.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the benchmark's workers too: they hold the GPU
+        except ProcessLookupError:
+            pass
         process.wait()
         return process.returncode, True
 
 
 def stage_limits(args):
-    limits = {stage.name: (REHEARSAL_LIMIT_S if args.rehearse else stage.limit_s) for stage in STAGES}
+    limits = {
+        stage.name: (REHEARSAL_LIMITS_S.get(stage.name, REHEARSAL_LIMIT_S) if args.rehearse else stage.limit_s)
+        for stage in STAGES
+    }
     for item in args.limit or []:
         name, _, seconds = item.partition("=")
         if name not in limits or not seconds.replace(".", "", 1).isdigit():
@@ -206,9 +250,11 @@ def write_summary(out, header, results):
     versions = out / "versions.log"
     if versions.exists():
         lines.append("\n## Versions\n\n```\n" + versions.read_text().strip() + "\n```\n")
-    determinism = out / "determinism.json"
-    if determinism.exists():
-        lines.append("\n## Determinism\n\n```\n" + determinism.read_text().strip() + "\n```\n")
+    for title, name in (("Determinism", "determinism.json"), ("Trainer", "trainer.json")):
+        if (out / name).exists():
+            lines.append(f"\n## {title}\n\n```\n" + (out / name).read_text().strip() + "\n```\n")
+    if (out / "kernel-profile.md").exists():
+        lines.append("\nKernels one by one: kernel-profile.md\n")
     (out / "summary.md").write_text("".join(lines))
 
 
@@ -216,7 +262,7 @@ def bundle(out, destination):
     """Copy the summary and the benchmark tables, and one archive of everything, into `destination`."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
-    for name in ("summary.md", "loss-bench.md", "train-step.md"):
+    for name in ("summary.md", "kernel-profile.md", "loss-bench.md", "train-step.md", "trainer.json"):
         if (out / name).exists():
             shutil.copy(out / name, destination / name)
     with tarfile.open(destination / f"{out.name}.tar.gz", "w:gz") as archive:
@@ -253,16 +299,19 @@ def run_check(args):
         print(f"== {stage.name} (limit {limits[stage.name]:.0f} s): {stage.what}", flush=True)
         with open(log_path, "w") as log:
             try:
-                if stage.command is None:
+                if stage.skipped:
+                    print(stage.skipped, file=log)
+                    code, timed_out = None, False
+                elif stage.command is None:
                     code, timed_out = setup(args, out, env, log), False
                 else:
                     argv = stage.command(args, out)
                     print("$ " + " ".join(argv), file=log, flush=True)
-                    code, timed_out = run_stage(argv, env, log, limits[stage.name])
+                    code, timed_out = run_stage(argv, {**env, **(stage.env or {})}, log, limits[stage.name])
             except Exception as error:  # the driver itself must reach the next stage
                 print(f"{type(error).__name__}: {error}", file=log)
                 code, timed_out = None, False
-        status = "timed out" if timed_out else "passed" if code == 0 else "failed"
+        status = "skipped" if stage.skipped else "timed out" if timed_out else "passed" if code == 0 else "failed"
         results.append({"stage": stage.name, "status": status, "seconds": time.monotonic() - begin,
                         "limit_s": limits[stage.name], "exit_code": code, "what": stage.what, "log": log_path.name})
         print(f"   {status} in {results[-1]['seconds']:.0f} s (exit {code}); log {log_path}", flush=True)
@@ -328,7 +377,7 @@ def main(argv=None):
     if not args.rehearse and not _cuda_visible():
         raise SystemExit("gpu_check: no CUDA device is visible to torch; --rehearse runs the stages on the CPU")
     results = run_check(args)
-    sys.exit(0 if all(r["status"] == "passed" for r in results) else 1)
+    sys.exit(0 if all(r["status"] in ("passed", "skipped") for r in results) else 1)
 
 
 def _cuda_visible():

@@ -1,9 +1,16 @@
 """`python bench/kernel_report.py`: every autotune config of every Triton kernel, compiled ahead of time.
 
 Triton compiles for a GPU target without a GPU. For each kernel, target architecture (sm_80: A100,
-sm_90: H100/H200), dtype and autotune config this compiles the kernel as the JIT would for a real launch
-at the given head width D (16-byte aligned pointers and D marked divisible by 16, the optional bias
-absent), and records what decides whether the config can run and run fast:
+sm_90: H100/H200), dtype, specialisation and autotune config this compiles the kernel as the JIT would for
+a real launch at the given head width D (the optional bias absent), and records what decides whether the
+config can run and run fast:
+
+  specialisation  which integer arguments the JIT is told are divisible by 16 (it specialises every
+                  launch on that): `generic` marks the 16-byte aligned pointers, D and the row strides
+                  only (any token count, any vocabulary); `runtime` also marks the token count N, the
+                  vocabulary or chunk width V and the chunk offset, as a Llama-3 launch gets them
+                  (N a multiple of 16, V = 128,256, chunks of multiples of 256 columns): the compiler
+                  can then drop masks and vectorise loads and stores;
 
   shared_bytes    shared memory per program (Triton's metadata); `fits` compares it with the chip's
                   per-block limit (`SHARED_LIMIT`), beyond which the launch fails with OutOfResources;
@@ -40,6 +47,7 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import io  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import re  # noqa: E402
@@ -59,11 +67,14 @@ import triton  # noqa: E402
 from amapo_fast.kernels.autotune import SHARED_LIMIT, aot_targets, prune_configs  # noqa: E402
 
 RECORD_KEYS = (
-    "kernel", "arch", "dtype", "config", "shared_bytes", "fits", "pruned", "registers", "spill_bytes", "wgmma",
+    "kernel", "arch", "dtype", "specialisation", "config", "shared_bytes", "fits", "pruned", "registers", "spill_bytes", "wgmma",
     "fenced_atomics",
 )
 ARCHS = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Integer arguments the runtime specialisation adds to each target's divisible ones (where the kernel has them).
+RUNTIME_DIVISIBLE = ("N", "V", "dlogits_stride", "vocab_offset")
+SPECIALISATIONS = ("generic", "runtime")
 
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores")
@@ -107,7 +118,13 @@ def _targets(dtype_name, dim):
     return {target.kernel: target for target in aot_targets(DTYPES[dtype_name], dim)}
 
 
-def compile_config(kernel, arch_name, dtype_name, dim, config_index):
+def divisible_arguments(target, specialisation):
+    """The arguments marked divisible by 16 under a specialisation (see the module docstring)."""
+    extra = RUNTIME_DIVISIBLE if specialisation == "runtime" else ()
+    return tuple(target.divisible) + tuple(name for name in extra if name in target.signature)
+
+
+def compile_config(kernel, arch_name, dtype_name, dim, config_index, specialisation="generic"):
     """Compile one config for one chip; the measured fields of its record."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -115,7 +132,8 @@ def compile_config(kernel, arch_name, dtype_name, dim, config_index):
     target = _targets(dtype_name, dim)[kernel]
     config = target.configs[config_index]
     constexprs = {**target.constexprs, **config.kwargs}
-    attrs = {(target.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in target.divisible}
+    attrs = {(target.fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in divisible_arguments(target, specialisation)}
     source = ASTSource(fn=target.fn, signature=target.signature, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log), warnings.catch_warnings():
@@ -137,23 +155,26 @@ def compile_config(kernel, arch_name, dtype_name, dim, config_index):
     }
 
 
-def plan(archs, dtype_names, dim, survivors_only):
-    """(records, tasks): one record per (kernel, arch, dtype, config); a task per record to compile."""
+def plan(archs, dtype_names, dim, survivors_only, specialisations=SPECIALISATIONS):
+    """(records, tasks): one record per (kernel, arch, dtype, specialisation, config); a task per record to
+    compile."""
     records, tasks = [], []
     for dtype_name in dtype_names:
         for target in _targets(dtype_name, dim).values():
-            for arch_name in archs:
-                for index, config in enumerate(target.configs):
-                    block_n = config.kwargs["BLOCK_N"]  # chosen by the launcher; the pruning hook gets it too
-                    pruned = not prune_configs(
-                        [config], DTYPES[dtype_name], block_n, SHARED_LIMIT[arch_name], target.max_tile
-                    )
-                    record = dict.fromkeys(RECORD_KEYS)
-                    record.update(kernel=target.kernel, arch=arch_name, dtype=dtype_name, config=config_dict(config),
-                                  pruned=pruned)
-                    records.append(record)
-                    if not (pruned and survivors_only):
-                        tasks.append((len(records) - 1, (target.kernel, arch_name, dtype_name, dim, index)))
+            for arch_name, specialisation, (index, config) in itertools.product(
+                archs, specialisations, enumerate(target.configs)
+            ):
+                block_n = config.kwargs["BLOCK_N"]  # chosen by the launcher; the pruning hook gets it too
+                pruned = not prune_configs(
+                    [config], DTYPES[dtype_name], block_n, SHARED_LIMIT[arch_name], target.max_tile
+                )
+                record = dict.fromkeys(RECORD_KEYS)
+                record.update(kernel=target.kernel, arch=arch_name, dtype=dtype_name, specialisation=specialisation,
+                              config=config_dict(config), pruned=pruned)
+                records.append(record)
+                if not (pruned and survivors_only):
+                    tasks.append((len(records) - 1,
+                                  (target.kernel, arch_name, dtype_name, dim, index, specialisation)))
     return records, tasks
 
 
@@ -164,14 +185,14 @@ def compile_all(records, tasks, jobs, progress=print):
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(compile_config, *arguments): (index, arguments) for index, arguments in tasks}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            index, (kernel, arch_name, dtype_name, _, _) = futures[future]
+            index, (kernel, arch_name, dtype_name, _, _, specialisation) = futures[future]
             record = records[index]
             try:
                 record.update(future.result())
             except Exception as error:  # one config failing to compile must not hide the others
-                errors.append(f"{kernel} {arch_name} {dtype_name} {config_text_of(record)}: "
+                errors.append(f"{kernel} {arch_name} {dtype_name} {specialisation} {config_text_of(record)}: "
                               f"{type(error).__name__}: {str(error)[:300]}")
-            progress(f"[{done}/{len(tasks)}] {kernel} {arch_name} {dtype_name} {config_text_of(record)}")
+            progress(f"[{done}/{len(tasks)}] {kernel} {arch_name} {dtype_name} {specialisation} {config_text_of(record)}")
     return errors
 
 
@@ -190,7 +211,7 @@ def survivor_problems(records):
     for record in records:
         if record["pruned"]:
             continue
-        where = f"{record['kernel']} {record['arch']} {record['dtype']} {config_text_of(record)}"
+        where = f"{record['kernel']} {record['arch']} {record['dtype']} {record['specialisation']} {config_text_of(record)}"
         if record["registers"] is None:
             problems.append(f"{where}: not compiled")
             continue
@@ -221,11 +242,12 @@ def render(header, records, errors):
     if errors:
         lines.append("\n## Compile errors\n\n")
         lines += [f"- {line}\n" for line in errors]
-    lines.append("\n## Every config\n\n| kernel | arch | dtype | config | shared B | fits | pruned | registers "
-                 "| spill B | wgmma | fenced atomics |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines.append("\n## Every config\n\n| kernel | arch | dtype | specialisation | config | shared B | fits | pruned "
+                 "| registers | spill B | wgmma | fenced atomics |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     for record in records:
-        lines.append("| " + " | ".join([record["kernel"], record["arch"], record["dtype"], config_text_of(record)]
-                                       + [_cell(record[key]) for key in RECORD_KEYS[4:]]) + " |\n")
+        lines.append("| " + " | ".join([record["kernel"], record["arch"], record["dtype"], record["specialisation"],
+                                        config_text_of(record)]
+                                       + [_cell(record[key]) for key in RECORD_KEYS[5:]]) + " |\n")
     return "".join(lines)
 
 
@@ -276,8 +298,8 @@ def main(argv=None):
         "compiled": ("configs that survive pruning" if args.survivors_only else "every config, pruned ones too")
         + "; fp32 with the dot precision the kernels use under torch's default float32 matmul precision "
         "(true fp32, 'ieee': no tensor cores, most of the compile time)",
-        "specialisation": "16-byte aligned pointers and D marked divisible by 16, no bias (as the JIT does for "
-        "a bias-free Llama/Mistral head)",
+        "specialisations": "generic: 16-byte aligned pointers, D and row strides marked divisible by 16; runtime: "
+        "also N, V and the chunk width and offset (a Llama-3 launch); no bias in either (a bias-free head)",
         "compile time (s)": f"{time.perf_counter() - begin:.0f} with {args.jobs} processes",
     }
     stem = args.name or f"kernels-{datetime.date.today().isoformat()}"

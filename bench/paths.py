@@ -2,7 +2,10 @@
 
 Each path is a function (hidden, weight, labels) -> scalar loss. Ours run AMaPO (the loss whose exact
 gradients need two passes over the logits); Liger runs SimPO, the closest existing fused preference loss, with
-the same cost profile apart from AMaPO's second pass.
+the same cost profile apart from AMaPO's second pass. `*-frozen` paths train hidden only (a frozen lm_head, as
+with adapters): ours then takes its one-pass path. The `ce-*` paths are the token-mean next-token
+cross-entropy of SFT (every label that is not ignore_index), compared with their own peers: eager
+`F.cross_entropy` on materialised logits and Liger's fused linear cross-entropy.
 
 `flops_per_token_dv` is the convention for achieved TFLOP/s: 8·N·D·V for our two-pass design,
 6·N·D·V for the peers, where N is the number of tokens the path feeds its matmuls (`skips_prompt`:
@@ -14,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from amapo_fast import linear_preference_loss
+from amapo_fast import linear_cross_entropy, linear_preference_loss
 from amapo_fast.objective import preference_objective
 from amapo_fast.reference import reference_sequence_logps
 
@@ -30,6 +33,8 @@ class Path:
     skips_prompt: bool
     build: Callable  # build(device) -> loss_fn(hidden, weight, labels); called once per worker process
     available: Callable  # available(device) -> None, or the reason it cannot run there
+    frozen_head: bool = False  # the weight gets no gradient (only hidden does)
+    peers: tuple = ("reference", "liger")  # the paths its "vs reference" and "vs Liger" ratios divide by
 
 
 def _always(device):
@@ -116,6 +121,51 @@ def _build_cce(device):
     return loss_fn
 
 
+def _ce_ours(impl):
+    def build(device):
+        return lambda hidden, weight, labels: linear_cross_entropy(hidden, weight, labels, impl=impl)
+
+    return build
+
+
+def _build_ce_eager(device):
+    def loss_fn(hidden, weight, labels):
+        logits = (hidden @ weight.T).float()  # materialised [N, V], upcast as trainers do
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+    return loss_fn
+
+
+def _ce_liger_available(device):
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    if device.type != "cuda":
+        return "Liger's fused linear cross-entropy is a Triton kernel: CUDA only"
+    return None
+
+
+def _build_ce_liger(device):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    liger = LigerFusedLinearCrossEntropyLoss()
+
+    def loss_fn(hidden, weight, labels):
+        return liger(weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
+
+    return loss_fn
+
+
+def _build_ce_cce(device):
+    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+
+    def loss_fn(hidden, weight, labels):
+        return cce_linear_cross_entropy(hidden, weight, labels, shift=False, filter_eps=None)
+
+    return loss_fn
+
+
+CE_PEERS = ("ce-eager", "ce-liger")
+
 PATHS = {
     path.name: path
     for path in (
@@ -127,6 +177,19 @@ PATHS = {
         Path("triton", "ours: fused Triton kernels (AMaPO)", 8, True, _ours("triton"), _triton_available),
         Path("liger", "liger-kernel LigerFusedLinearSimPOLoss (SimPO)", 6, False, _build_liger, _liger_available),
         Path("cce", "cut-cross-entropy per-token loss + AMaPO stage", 6, True, _build_cce, _cce_available),
+        Path("reference-frozen", "the eager reference with a frozen lm_head (no dW)", 4, False,
+             _reference(compiled=False), _always, frozen_head=True),
+        Path("chunked-frozen", "ours, chunked, frozen lm_head: one pass (AMaPO)", 4, True, _ours("chunked"), _always,
+             frozen_head=True),
+        Path("ce-eager", "cross-entropy: eager F.cross_entropy on materialised fp32 logits", 6, False,
+             _build_ce_eager, _always, peers=CE_PEERS),
+        Path("ce-chunked", "cross-entropy: ours, chunked twin", 8, True, _ce_ours("chunked"), _always, peers=CE_PEERS),
+        Path("ce-triton", "cross-entropy: ours, Triton kernels", 8, True, _ce_ours("triton"), _triton_available,
+             peers=CE_PEERS),
+        Path("ce-liger", "cross-entropy: liger-kernel LigerFusedLinearCrossEntropyLoss", 6, False, _build_ce_liger,
+             _ce_liger_available, peers=CE_PEERS),
+        Path("ce-cce", "cross-entropy: cut-cross-entropy linear_cross_entropy", 6, True, _build_ce_cce,
+             _cce_available, peers=CE_PEERS),
     )
 }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from amapo_fast import vocab_chunks
 from bench.paths import PATHS
 from bench.workloads import Shape
 
@@ -53,6 +54,8 @@ def environment(device: torch.device, dtype: str, argv) -> dict:
         "versions": versions,
         "git_commit": commit,
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        # How pass 2 adds 16-bit GEMMs into fp32 on this device (the workers run the same torch).
+        "accumulate_way": vocab_chunks.accumulate_way(device),
         **machine_load(),
     }
 
@@ -87,12 +90,12 @@ def derived_metrics(cases):
     for case in cases:
         by_key[_case_key(case)][case["path"]] = case
     for (workload, shape), paths in by_key.items():
-        reference, liger = paths.get("reference", {}), paths.get("liger", {})
         for name, case in paths.items():
             if "error" in case:
                 continue
             seconds = case["fwd_bwd_ms"] / 1e3
             path = PATHS[name]
+            reference, liger = (paths.get(peer, {}) for peer in path.peers)
             fed = case["response_tokens"] if path.skips_prompt else shape.tokens
             case["tokens_per_s"] = shape.tokens / seconds
             case["tflops"] = path.flops_per_token_dv * fed * shape.hidden * shape.vocab / seconds / 1e12
@@ -283,7 +286,8 @@ def render_markdown(env, cases, skipped, goal_rows, png_name) -> str:
         "\nTimes are medians; memory is the peak above the inputs (hidden, weight, labels), including the "
         "gradients dH and dW; \"beyond grads\" subtracts them. tokens/s counts every position N; TFLOP/s counts "
         "8·N·D·V (ours) or 6·N·D·V (peers) over the tokens each path feeds its matmuls. Ours and the reference "
-        "run AMaPO, Liger runs SimPO. See docs/bench.md.\n\n",
+        "run AMaPO, Liger runs SimPO; `*-frozen` paths train hidden only. The `ce-*` paths run the token-mean "
+        "cross-entropy and take their ratios against `ce-eager` and `ce-liger`. See docs/bench.md.\n\n",
         markdown_table(cases),
     ]
     if skipped:

@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from amapo_fast import vocab_chunks  # noqa: E402
 from bench import report  # noqa: E402
 from bench.paths import PATHS, parse_paths  # noqa: E402
 from bench.worker import RESULT_PREFIX  # noqa: E402
@@ -149,8 +148,6 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / f"{stem}.log"
     environment = report.environment(device, dtype, ["bench/run.py"] + list(argv))
-    # How pass 2 adds 16-bit GEMMs into fp32 on this device (same torch as the workers: same answer).
-    environment["accumulate_way"] = vocab_chunks.accumulate_way(device)
     results = []
     with open(log_path, "w") as log, tqdm(total=len(PHASES) * len(cases), desc="bench", unit="run") as progress:
         for group in groups:

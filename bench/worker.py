@@ -99,12 +99,12 @@ def timed_ms(run, reset, device, reps, warmup, budget_s):
 class Case:
     """One case's inputs (identical for every path: seeded) and its runs."""
 
-    def __init__(self, loss_fn, case, device, dtype):
+    def __init__(self, loss_fn, case, device, dtype, frozen_head=False):
         shape = Shape(**case["shape"])
         self.labels = make_labels(case["workload"], shape, case["seed"]).to(device)
         self.hidden, self.weight = make_hidden_and_weight(shape, dtype, device, case["seed"])
         self.hidden.requires_grad_(True)
-        self.weight.requires_grad_(True)
+        self.weight.requires_grad_(not frozen_head)
         self.loss_fn = loss_fn
         self.losses = []
 
@@ -123,7 +123,8 @@ class Case:
             self.loss_fn(self.hidden.detach(), self.weight.detach(), self.labels)
 
     def grad_bytes(self):
-        return (self.hidden.numel() + self.weight.numel()) * self.hidden.element_size()
+        weight = 0 if not self.weight.requires_grad else self.weight.numel()
+        return (self.hidden.numel() + weight) * self.hidden.element_size()
 
 
 def time_case(case, device, spec):
@@ -163,7 +164,7 @@ def run_phase(phase, spec, device, dtype, builds, measure):
             name = case_spec["path"]
             if name not in builds:
                 builds[name] = PATHS[name].build(device)
-            result.update(measure(Case(builds[name], case_spec, device, dtype)))
+            result.update(measure(Case(builds[name], case_spec, device, dtype, PATHS[name].frozen_head)))
         except torch.OutOfMemoryError:
             result["error"] = "out of memory"
         except Exception as error:  # one failing path must not stop the others; the report shows why

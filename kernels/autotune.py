@@ -3,14 +3,14 @@
 Both kernels form [BLOCK_N, BLOCK_V] logit tiles as a loop of [BLOCK_N, BLOCK_D] x [BLOCK_D, BLOCK_V]
 dots, so their configs share one shape and one shared-memory estimate:
   - BLOCK_N (token rows per tile) is chosen by the launcher from the number of response tokens and the
-    dtype, not by the autotuner, so the launcher knows the number of token blocks before launch and can
+    dtype, not by the tuner, so the launcher knows the number of token blocks before launch and can
     size the forward's vocabulary splits to fill whole waves of the GPU;
   - BLOCK_V, BLOCK_D, GROUP_N, warps and stages are tuned once per tuning key (`tuning.py`): the head's
     or the scratch's shape, the dtype, the launch's constexprs and a power-of-two bucket of the token
     count (small and large batches want different tiles, while the exact count changes every step and
     must not trigger a new tuning run);
   - configs whose pipelined operand buffers exceed the device's shared memory per block are pruned
-    before autotuning, so a config that cannot launch is never tried.
+    before tuning, so a config that cannot launch is never tried.
 Nothing here resets or restores kernel arguments between benchmark runs: both kernels only write
 outputs (no accumulation), so running a config twice is harmless and no hook touches an absent (None)
 argument such as the bias of a bias-free head.
@@ -36,23 +36,22 @@ def _configs(shapes):
 
 
 if INTERPRET:
-    # One small config (the autotuner then skips benchmarking): several tiles along every axis at test
+    # One small config (the tuner then benchmarks nothing): several tiles along every axis at test
     # sizes, so the masks, the vocabulary splits and the grouped order are exercised, and few tile-dots.
     FORWARD_CONFIGS = BACKWARD_CONFIGS = _configs([(128, 32, 2, 1, 1)])
     TOKEN_BLOCKS = {torch.float32: (16, 16), torch.bfloat16: (16, 16), torch.float16: (16, 16)}
 else:
     # (BLOCK_V, BLOCK_D, GROUP_N, warps, stages): tensor-core matmul shapes. Left out because they spill
-    # registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (found by compiling ahead of time): 256-wide
-    # vocabulary tiles, and in the forward, whose online-softmax epilogue holds more state, 4-warp
-    # programs, 4 stages of 64-deep D chunks and 64 x 128 weight tiles; 128 x 128 logit tiles are pruned
-    # for the forward by FORWARD_MAX_TILE.
+    # registers on sm_80 or sm_90 with Triton 3.6 or 3.9 (found by compiling ahead of time): in the
+    # backward 256-wide vocabulary tiles; in the forward's metrics variant logit tiles above
+    # FORWARD_METRICS_MAX_TILE (pruned for it). The forward's lean epilogue (max and sum of exp only) lets
+    # 128 x 256 tiles run without spills: wide tiles need fewer operand bytes per FLOP from L2.
     FORWARD_CONFIGS = _configs(
         [
+            (256, 64, 8, 8, 3),
             (128, 64, 8, 8, 3),
+            (128, 64, 8, 8, 4),
             (128, 128, 8, 8, 3),
-            (128, 32, 8, 8, 4),
-            (64, 64, 8, 8, 3),
-            (64, 32, 8, 8, 4),
         ]
     )
     BACKWARD_CONFIGS = _configs(
@@ -66,10 +65,12 @@ else:
     # BLOCK_N candidates per dtype: (small batches, large batches); see token_block_size.
     TOKEN_BLOCKS = {torch.float32: (32, 64), torch.bfloat16: (64, 128), torch.float16: (64, 128)}
 
-# The forward's online-softmax epilogue keeps several [BLOCK_N, BLOCK_V] fp32 tiles live besides the dot
-# accumulator: beyond this many elements per program it spills registers on sm_90 (128 x 128 does, found
-# by compiling ahead of time), so larger tiles are pruned for it.
-FORWARD_MAX_TILE = 64 * 128
+# Logit-tile limits (elements per program) of the forward: the lean variant keeps two fp32 numbers per
+# token besides the dot accumulator; the metrics variant (entropy, target-is-argmax) keeps two more and
+# picks the target column out of every tile, and spills on sm_90 beyond 128 x 128 (found by compiling
+# ahead of time), so its larger tiles are pruned.
+FORWARD_MAX_TILE = 128 * 256
+FORWARD_METRICS_MAX_TILE = 128 * 128
 
 SMALL_BATCH_TOKENS = 2048  # up to this bucket the smaller BLOCK_N: less padding waste, more programs
 
@@ -132,7 +133,7 @@ class AotTarget(NamedTuple):
     signature: dict  # argument name -> Triton type string ("*bf16", "i32", "fp32", "constexpr")
     constexprs: dict  # non-config constexprs, as a GPU launch sets them
     divisible: tuple  # arguments the JIT specialises as divisible by 16 at real launches
-    configs: list  # every config the launcher and autotuner can pick, BLOCK_N included
+    configs: list  # every config the launcher and tuner can pick, BLOCK_N included
     max_tile: int | None  # the kernel's logit-tile limit in prune_configs
 
 
@@ -149,7 +150,7 @@ POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32:
 INPUT_DTYPE_POINTERS = ("hidden_ptr", "weight_ptr", "dlogits_ptr")  # in the inputs' dtype; other pointers fp32
 
 
-def aot_target(kernel: str, autotuned, dtype: torch.dtype, max_tile: int | None = None) -> AotTarget:
+def aot_target(kernel: str, autotuned, dtype: torch.dtype, max_tile: int | None = None, **extra) -> AotTarget:
     """A log-prob kernel typed as a real launch types it: hidden, weight and the dlogits scratch in dtype,
     targets int64, other pointers fp32, integer arguments int32 (offsets that fit), no bias; every pointer
     and integer except the token and vocabulary counts specialised as divisible by 16 (aligned tensors,
@@ -171,18 +172,20 @@ def aot_target(kernel: str, autotuned, dtype: torch.dtype, max_tile: int | None 
                 divisible.append(name)
     constexprs = {
         "bias_ptr": None, "HAS_BIAS": False, "INT64_OFFSETS": False, "INTERPRET": False,
-        "DOT_PRECISION": dot_precision(dtype),
+        "DOT_PRECISION": dot_precision(dtype), **extra,
     }  # fmt: skip
     configs = launch_configs(autotuned.configs, dtype)
     return AotTarget(kernel, fn, signature, constexprs, tuple(divisible), configs, max_tile)
 
 
 def aot_targets(dtype: torch.dtype, dim: int) -> list:
-    """Both kernels, typed as a real launch at hidden size dim would type them (no bias, int32 offsets)."""
+    """Both kernels, the forward in its lean and its metrics variant, typed as a real launch at hidden size
+    dim would type them (no bias, int32 offsets)."""
     from .dlogits_backward import _dlogits_kernel
     from .lse_forward import _lse_partials_kernel
 
     return [
-        aot_target("lse_forward", _lse_partials_kernel, dtype, FORWARD_MAX_TILE),
+        aot_target("lse_forward", _lse_partials_kernel, dtype, FORWARD_MAX_TILE, TOKEN_METRICS=False),
+        aot_target("lse_forward_metrics", _lse_partials_kernel, dtype, FORWARD_METRICS_MAX_TILE, TOKEN_METRICS=True),
         aot_target("dlogits_backward", _dlogits_kernel, dtype),
     ]

@@ -78,22 +78,11 @@ def _dlogits_kernel(
     tl.store(out, dot_operand(dlogits, dlogits_ptr.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def token_grads(hidden, weight, bias, targets, lse, coef, scratch_bytes=SCRATCH_BYTES, chunk_columns=None):
-    """(d_hidden [N, D], d_weight [V, D], d_bias [V] or None) of sum_t coef_t * logp_t, in the input dtypes.
-
-    lse [N] comes from pass 1 (`token_logprobs`); coef [N] is dL/dlogp per token. scratch_bytes bounds the
-    dlogits scratch (see `amapo_fast.vocab_chunks`); chunk_columns overrides the chunk width it gives
-    (tests use it to force several chunks).
-    """
-    hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
-    lse = token_vector("lse", lse, hidden)
-    coef = token_vector("coef", coef, hidden)
+def dlogits_chunk_writer(hidden, bias, targets, lse, coef):
+    """write(start, stop, weight_chunk, out): the dlogits of vocabulary columns [start, stop) into out
+    [N, stop - start] (row stride out.stride(0)), for checked inputs and fp32 lse and coef; one kernel launch."""
     num_tokens, dim = hidden.shape
     block_n = token_block_size(num_tokens, hidden.dtype)
-    scale = None
-    if hidden.dtype == torch.float16:
-        scale = coef.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-        coef = coef / scale
     launch = dict(
         HAS_BIAS=bias is not None, INTERPRET=INTERPRET, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_N=block_n
     )
@@ -111,7 +100,24 @@ def token_grads(hidden, weight, bias, targets, lse, coef, scratch_bytes=SCRATCH_
             **launch,
         )  # fmt: skip
 
+    return write_dlogits
+
+
+def token_grads(hidden, weight, bias, targets, lse, coef, scratch_bytes=SCRATCH_BYTES, chunk_columns=None):
+    """(d_hidden [N, D], d_weight [V, D], d_bias [V] or None) of sum_t coef_t * logp_t, in the input dtypes.
+
+    lse [N] comes from pass 1 (`token_logprobs`); coef [N] is dL/dlogp per token. scratch_bytes bounds the
+    dlogits scratch (see `amapo_fast.vocab_chunks`); chunk_columns overrides the chunk width it gives
+    (tests use it to force several chunks).
+    """
+    hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
+    lse = token_vector("lse", lse, hidden)
+    coef = token_vector("coef", coef, hidden)
+    scale = None
+    if hidden.dtype == torch.float16:
+        scale = coef.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+        coef = coef / scale
+    write_dlogits = dlogits_chunk_writer(hidden, bias, targets, lse, coef)
     return backward_by_vocab_chunks(
         hidden, weight, bias, write_dlogits, hidden.dtype, scale, scratch_bytes, columns=chunk_columns
     )
-

@@ -1,47 +1,59 @@
-"""Pass 1: each response token's log-sum-exp and target log-prob, streamed over vocabulary tiles.
+"""Pass 1: each response token's log-sum-exp, streamed over vocabulary tiles (the Triton-tile forward).
 
 One program takes one block of BLOCK_N tokens and one vocabulary split (an even share of the BLOCK_V
 tiles), forms each [BLOCK_N, BLOCK_V] logit tile as a D-chunked `tl.dot` with fp32 accumulation, and
-keeps an online (max, sum of exp, target logit) per token, plus two sums for the logged metrics (the
-sum of the logits and the sum of exp-weighted logits, from which entropy follows). Per-split partials
-[5, splits, N] are combined in torch. No [N, V] buffer exists at any time.
+keeps an online (max, sum of exp) per token. Tiles and D chunks run as one flat loop, so the compiler's
+software pipeline keeps loading the next operands across vocabulary-tile boundaries instead of draining
+and refilling for every tile. Per-split partials [PARTIALS, splits, N] are combined in torch
+(`kernels/token_dots.py`); no [N, V] buffer exists at any time.
+
+The hot epilogue does only the max and the sum of exp. The target logit is a gather-dot outside the tile
+loop (`token_dots`), and so is the mean logit (against the mean weight row). Entropy and the
+target-is-argmax flag need every logit; they are computed only when metrics are asked for
+(TOKEN_METRICS, a compile-time switch): then the epilogue also keeps each token's in-tile target logit
+and the sum of exp(logit - max) * (logit - max).
 
 Splitting the vocabulary keeps the GPU busy when there are few token blocks; the number of splits is
 chosen so that token blocks x splits fills whole waves of the GPU's multiprocessors.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..vocab_chunks import TokenLogprobs
 from .autotune import (
     FORWARD_CONFIGS,
     FORWARD_MAX_TILE,
+    FORWARD_METRICS_MAX_TILE,
     needs_int64_offsets,
     prune_for_device,
     token_block_size,
     token_bucket,
 )
 from .inputs import check_inputs, dot_precision
-from .tiles import INTERPRET, grouped_program, logit_tile
+from .tiles import INTERPRET, dot, grouped_program, online_softmax_update, row_offsets
+from .token_dots import LEAN_PARTIALS, PARTIALS, finish_token_logprobs
 from .tuning import autotune
 
 MIN_WAVES = 2  # programs for at least this many waves, so every multiprocessor gets work
 MAX_EXTRA_SPLITS = 64  # how far above the minimum the search for full waves may go
 GOOD_WAVE_FILL = 0.95  # the last wave at least this full (on average over waves) is good enough
-PARTIALS = 5  # running max, sum of exp(logit - max), target logit, sum of logits, sum of exp(logit - max) * logit
 
 
-@autotune("lse_forward", FORWARD_CONFIGS, ["n_bucket", "V", "D"], functools.partial(prune_for_device, max_tile=FORWARD_MAX_TILE))
+def _prune_forward(configs, named_args, **kwargs):
+    """Device pruning with the logit-tile limit of the variant being launched."""
+    max_tile = FORWARD_METRICS_MAX_TILE if kwargs.get("TOKEN_METRICS") else FORWARD_MAX_TILE
+    return prune_for_device(configs, named_args, max_tile=max_tile, **kwargs)
+
+
+# The two variants are tuned apart: TOKEN_METRICS, a constexpr of the launch, is part of the tuning key.
+@autotune("lse_forward", FORWARD_CONFIGS, ["n_bucket", "V", "D"], _prune_forward)
 @triton.jit
 def _lse_partials_kernel(
     hidden_ptr,  # [N, D]
     weight_ptr,  # [V, D]
     bias_ptr,  # [V] or None
     targets_ptr,  # [N] int64 in [0, V)
-    partials_ptr,  # [PARTIALS, num_splits, N] fp32
+    partials_ptr,  # [PARTIALS, num_splits, N] fp32 (the first 2 rows without TOKEN_METRICS)
     N,
     V,
     D,
@@ -51,6 +63,7 @@ def _lse_partials_kernel(
     INT64_OFFSETS: tl.constexpr,
     INTERPRET: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TOKEN_METRICS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -59,43 +72,48 @@ def _lse_partials_kernel(
     token_block, split = grouped_program(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
     rows = token_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1)
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1) if TOKEN_METRICS else rows
     # An even share of the vocabulary tiles: splits differ by at most one tile.
     num_tiles = tl.cdiv(V, BLOCK_V)
     first_tile = split * num_tiles // num_splits
     stop_tile = (split + 1) * num_tiles // num_splits
+    d_chunks = tl.cdiv(D, BLOCK_D)
+    hidden_rows = hidden_ptr + row_offsets(rows, D, INT64_OFFSETS)[:, None]
 
     running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     sum_exp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sum_logits = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sum_exp_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for tile in range(first_tile, stop_tile):
+    sum_shifted = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    # One flat loop over (vocabulary tile, D chunk): the epilogue runs after a tile's last D chunk.
+    for step in range(0, (stop_tile - first_tile) * d_chunks):
+        tile = first_tile + step // d_chunks
+        d_chunk = step % d_chunks
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        logits = logit_tile(
-            hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, cols, col_ok, D,
-            HAS_BIAS, INT64_OFFSETS, INTERPRET, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        dims = d_chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        h = tl.load(hidden_rows + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        w = tl.load(
+            weight_ptr + row_offsets(cols, D, INT64_OFFSETS)[:, None] + dims[None, :],
+            mask=col_ok[:, None] & dim_ok[None, :], other=0.0,
         )  # fmt: skip
-        valid_logits = tl.where(col_ok[None, :], logits, 0.0)
-        logits = tl.where(col_ok[None, :], logits, float("-inf"))
-        # Every tile has at least one valid column, so new_max is finite and no inf - inf appears.
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        exp_logits = tl.exp(logits - new_max[:, None])  # 0 in masked columns
-        sum_exp = sum_exp * rescale + tl.sum(exp_logits, axis=1)
-        sum_exp_logit = sum_exp_logit * rescale + tl.sum(exp_logits * valid_logits, axis=1)
-        running_max = new_max
-        sum_logits += tl.sum(valid_logits, axis=1)
-        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], valid_logits, 0.0), axis=1)
+        logits = dot(h, tl.trans(w), logits, INTERPRET, DOT_PRECISION)
+        if d_chunk == d_chunks - 1:
+            if HAS_BIAS:
+                logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            running_max, sum_exp, target_logit, sum_shifted = online_softmax_update(
+                logits, cols, col_ok, targets, running_max, sum_exp, target_logit, sum_shifted, TOKEN_METRICS
+            )
+            logits = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
 
     out = partials_ptr + split * N + rows
     stride = num_splits * N
     tl.store(out, running_max, mask=row_ok)
     tl.store(out + stride, sum_exp, mask=row_ok)
-    tl.store(out + 2 * stride, target_logit, mask=row_ok)
-    tl.store(out + 3 * stride, sum_logits, mask=row_ok)
-    tl.store(out + 4 * stride, sum_exp_logit, mask=row_ok)
+    if TOKEN_METRICS:
+        tl.store(out + 2 * stride, target_logit, mask=row_ok)
+        tl.store(out + 3 * stride, sum_shifted, mask=row_ok)
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -122,9 +140,11 @@ def vocab_splits(num_token_blocks: int, num_tiles: int, multiprocessors: int) ->
     return max(candidates, key=lambda splits: (wave_fill(splits), -splits))
 
 
-def token_logprobs(hidden, weight, bias, targets, num_splits=None) -> TokenLogprobs:
+def token_logprobs(hidden, weight, bias, targets, num_splits=None, token_metrics=True):
     """Pass 1 for hidden [N, D], weight [V, D], bias [V] or None (one dtype of bf16, fp16, fp32) and
-    targets [N] in [0, V). num_splits overrides the number of vocabulary splits (tests use it)."""
+    targets [N] in [0, V): a `TokenLogprobs` (fp32). token_metrics=False leaves its mean_logit, entropy
+    and argmax_hit None and runs the lean kernel. num_splits overrides the number of vocabulary splits
+    (tests use it)."""
     hidden, weight, bias, targets = check_inputs(hidden, weight, bias, targets)
     num_tokens, dim = hidden.shape
     vocab = weight.shape[0]
@@ -136,30 +156,13 @@ def token_logprobs(hidden, weight, bias, targets, num_splits=None) -> TokenLogpr
         num_splits = vocab_splits(num_token_blocks, most_tiles, _multiprocessors(hidden.device))
     elif not 1 <= num_splits <= most_tiles:
         raise ValueError(f"num_splits must be in [1, {most_tiles}] for V={vocab}, got {num_splits}")
-    partials = torch.empty(PARTIALS, num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
+    rows = PARTIALS if token_metrics else LEAN_PARTIALS
+    partials = torch.empty(rows, num_splits, num_tokens, dtype=torch.float32, device=hidden.device)
 
     _lse_partials_kernel[(num_token_blocks * num_splits,)](
         hidden, weight, bias, targets, partials, num_tokens, vocab, dim, token_bucket(num_tokens), num_splits,
         HAS_BIAS=bias is not None, INT64_OFFSETS=needs_int64_offsets(num_tokens * dim, vocab * dim),
-        INTERPRET=INTERPRET, DOT_PRECISION=dot_precision(hidden.dtype), BLOCK_N=block_n,
+        INTERPRET=INTERPRET, DOT_PRECISION=dot_precision(hidden.dtype), TOKEN_METRICS=token_metrics,
+        BLOCK_N=block_n,
     )  # fmt: skip
-    return combine_partials(partials, vocab)
-
-
-def combine_partials(partials: torch.Tensor, vocab: int) -> TokenLogprobs:
-    """Merge the per-split online-softmax partials [5, splits, N] into per-token results."""
-    split_max, split_sum_exp, split_target, split_sum_logits, split_sum_exp_logit = partials.unbind(0)
-    top = split_max.amax(0)
-    weights = torch.exp(split_max - top)  # 0 for a split whose max is -inf
-    sum_exp = (split_sum_exp * weights).sum(0)
-    lse = top + torch.log(sum_exp)
-    target_logit = split_target.sum(0)
-    expected_logit = (split_sum_exp_logit * weights).sum(0) / sum_exp
-    return TokenLogprobs(
-        logp=target_logit - lse,
-        lse=lse,
-        mean_logit=split_sum_logits.sum(0) / vocab,
-        entropy=lse - expected_logit,
-        argmax_hit=(target_logit >= top).float(),
-    )
-
+    return finish_token_logprobs(partials, hidden, weight, bias, targets, token_metrics)

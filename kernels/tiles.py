@@ -1,4 +1,5 @@
-"""Building blocks shared by the log-prob kernels: launch mode, program ordering, one logit tile.
+"""Building blocks shared by the log-prob kernels: launch mode, program ordering, one logit tile, the
+online-softmax update of a logit tile.
 
 Under TRITON_INTERPRET=1 (CPU tensors) the kernels run through Triton's interpreter, which is slow and
 multiplies bf16 x bf16 `tl.dot` operands wrongly (a known interpreter bug). `INTERPRET` is read once, at
@@ -98,3 +99,30 @@ def logit_tile(
     if HAS_BIAS:
         logits += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return logits
+
+
+@triton.jit
+def online_softmax_update(
+    logits, cols, col_ok, targets, running_max, sum_exp, target_logit, sum_shifted, TOKEN_METRICS: tl.constexpr
+):
+    """Fold one fp32 logit tile [BLOCK_N, BLOCK_V] into the running per-token state.
+
+    Always: running max and sum of exp(logit - max). With TOKEN_METRICS: the target's logit where it lies in
+    this tile (0 elsewhere) and sum of exp(logit - max) * (logit - max), rescaled with the max, so entropy
+    follows from small, shifted terms (no cancellation of two large numbers).
+    """
+    logits = tl.where(col_ok[None, :], logits, float("-inf"))
+    # Every tile has at least one valid column, so new_max is finite for finite inputs.
+    new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+    rescale = tl.exp(running_max - new_max)
+    shifted = logits - new_max[:, None]  # -inf in masked columns
+    exp_shifted = tl.exp(shifted)  # 0 in masked columns
+    if TOKEN_METRICS:
+        # The old terms (logit - old max) become (logit - new max) = (logit - old max) + (old max - new max).
+        step = tl.where(sum_exp > 0, running_max - new_max, 0.0)
+        sum_shifted = rescale * (sum_shifted + step * sum_exp) + tl.sum(
+            tl.where(col_ok[None, :], exp_shifted * shifted, 0.0), axis=1
+        )
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), axis=1)
+    sum_exp = sum_exp * rescale + tl.sum(exp_shifted, axis=1)
+    return new_max, sum_exp, target_logit, sum_shifted

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from amapo_fast import vocab_chunks
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -38,6 +40,7 @@ def test_quick_run_writes_table_json_and_plot(tmp_path):
     assert "Triton kernels are timed on CUDA only" in result["skipped_paths"]["triton"]
     env = result["environment"]
     assert env["versions"]["torch"] == torch.__version__ and "--quick" in env["command"]
+    assert env["accumulate_way"] == vocab_chunks.accumulate_way("cpu")  # how pass 2 adds 16-bit GEMMs into fp32
 
     # Same inputs for every path: our chunked AMaPO and the reference's agree on the loss value.
     by_path = {c["path"]: c for c in cases}
@@ -123,3 +126,31 @@ def test_plot_names_what_was_measured_and_labels_ticks_as_plain_numbers(token_co
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def test_frozen_head_and_cross_entropy_paths_agree_and_compare_with_their_peers():
+    """In-process, on one tiny case: the frozen-head path trains hidden only and gives the loss of the two-pass
+    path; ours and eager cross-entropy agree; cross-entropy ratios divide by the cross-entropy peers."""
+    from bench.paths import PATHS
+    from bench.report import derived_metrics
+    from bench.worker import Case
+
+    shape = Shape(tokens=128, seq_len=32, hidden=16, vocab=300)
+    spec = {"workload": "realistic", "shape": shape.to_dict(), "seed": torch.randint(0, 2**31, ()).item()}
+    losses = {}
+    for name in ("chunked", "chunked-frozen", "ce-eager", "ce-chunked"):
+        case = Case(PATHS[name].build(torch.device("cpu")), spec, torch.device("cpu"), torch.float32, PATHS[name].frozen_head)
+        case.forward_backward()
+        losses[name] = case.losses[-1]
+        assert case.hidden.grad is not None and (case.weight.grad is None) == PATHS[name].frozen_head
+    torch.testing.assert_close(losses["chunked-frozen"], losses["chunked"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["ce-chunked"], losses["ce-eager"], rtol=1e-5, atol=1e-6)
+
+    timed = [
+        {"path": path, "workload": "dense", "shape": shape.to_dict(), "fwd_bwd_ms": ms, "peak_bytes": peak,
+         "response_tokens": shape.tokens}
+        for path, ms, peak in (("reference", 10.0, 100), ("ce-eager", 4.0, 80), ("ce-chunked", 2.0, 20))
+    ]
+    by_path = {case["path"]: case for case in derived_metrics(timed)}
+    assert by_path["ce-chunked"]["speedup_vs_reference"] == 2.0 and by_path["ce-chunked"]["memory_vs_reference"] == 0.25
+    assert by_path["ce-eager"]["speedup_vs_reference"] == 1.0  # its own peer

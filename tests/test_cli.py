@@ -315,8 +315,9 @@ def test_evaluate_says_what_a_wrong_model_folder_is_and_what_to_pass(finished_ru
         (finished_run, f"a training run's output folder; its trained model is {finished_run / 'final'}"),
         (finished_run / "checkpoint-2", "a training checkpoint (sharded training state), not a model folder: pass "
                                         "the run's final/ folder, or export this checkpoint to a model folder with "
-                                        "python -m amapo_fast.export"),
-        (unfinished, "without a final/ model"),
+                                        f"python -m amapo_fast.export {finished_run / 'checkpoint-2'} FOLDER"),
+        (unfinished, f"without a final/ model (the run has not finished, or ran with --save_final false): export one "
+                     f"of its checkpoints to a model folder with python -m amapo_fast.export {unfinished / 'checkpoint-N'}"),
         (broken, "model.safetensors is cut short"),
         (no_config, "no config.json, so not a model folder"),
         (finished_run / "missing" / "final", "no such file or folder"),
@@ -450,3 +451,31 @@ def test_readme_install_lines_are_commands_and_name_the_ones_ci_runs():
     assert not [line for line in commands if "<" in line], commands  # no placeholders
     ci_torch = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if "install torch" in line]
     assert ci_torch and all(f"`{line}`" in install for line in ci_torch), ci_torch
+
+
+def test_amapo_train_checks_settings_before_starting_workers(tmp_path, capsys, monkeypatch):
+    from amapo_fast import launch
+
+    assert launch.split_argv(["--nproc_per_node", "2", "--max_steps", "3", "--master_port=1234", "--standalone",
+                              "--dataset_name", "x.jsonl"]) == (
+        ["--nproc_per_node", "2", "--master_port=1234", "--standalone"], ["--max_steps", "3", "--dataset_name", "x.jsonl"])
+    monkeypatch.setattr("torch.distributed.run.run", None)  # starting the workers would be a TypeError
+    line = _user_error(capsys, launch.main, ["--nproc_per_node", "2", "--per_device_train_batch_size", "0",
+                                             "--output_dir", str(tmp_path / "out")])
+    assert "--per_device_train_batch_size 0: must be positive" in line
+
+
+def test_amapo_train_ends_with_the_workers_one_line_and_status(tmp_path):
+    """An error found by the workers (after the process group formed): their one line, status 2, no launcher report."""
+    data = tmp_path / "no_rejected.jsonl"
+    make_toy_preference_dataset(8, seed=0).remove_columns(["rejected"]).to_json(str(data))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "amapo_fast.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--dataset_name", str(data), "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2, lines[-30:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing column(s) ['rejected']" in lines[0], lines[-30:]

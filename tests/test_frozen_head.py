@@ -95,3 +95,18 @@ def test_default_chunks_split_a_large_vocabulary():
     probs = (hidden @ weight.T).softmax(1)
     torch.testing.assert_close(basis, probs @ weight, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(pass1.lse, (hidden @ weight.T).logsumexp(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["no-grad-mode", "head-trained", "hidden-without-grad"])
+def test_the_one_pass_path_runs_only_for_a_frozen_head_with_a_hidden_gradient(monkeypatch, case):
+    hidden, weight, labels, _ = make_batch(pairs=2, dim=8, vocab=40)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the one-pass path ran although no hidden-only gradient is asked for")
+
+    monkeypatch.setattr(frozen_head, "token_logprobs_and_basis", refuse)
+    hidden.requires_grad_(case != "hidden-without-grad")
+    weight.requires_grad_(case == "head-trained")
+    with torch.set_grad_enabled(case != "no-grad-mode"):
+        loss, _ = linear_preference_loss(hidden, weight, labels, beta=2.0, impl="chunked")
+    assert torch.isfinite(loss)

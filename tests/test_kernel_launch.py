@@ -14,7 +14,7 @@ import torch
 import triton
 
 from amapo_fast import vocab_chunks
-from amapo_fast.kernels import dlogits_backward, lse_forward, tuning
+from amapo_fast.kernels import dlogits_backward, lse_forward, token_dots, tuning
 from bench.workloads import ULTRAFEEDBACK
 
 DIM, VOCAB = 4096, 128256  # Llama-3-8B's head
@@ -68,6 +68,11 @@ def launches(monkeypatch, tmp_path):
 
     benchmarked = iter(range(10**9))  # made-up times, different per config: the "fastest" varies by key
     monkeypatch.setattr(tuning.Tuned, "launch", launch)
+    # The forward's gather-dots (target and mean logit) are a plain launch outside tuning: shapes only here.
+    monkeypatch.setattr(token_dots, "token_dots", lambda hidden, weight, bias, targets, mean: (
+        hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+        hidden.new_empty(hidden.shape[0], dtype=torch.float32) if mean else None,
+    ))
     monkeypatch.setattr(tuning.Tuned, "choose", choose)
     monkeypatch.setattr(tuning, "benchmark", lambda call: 1.0 + next(benchmarked) % 7 / 10)
     yield record
@@ -114,6 +119,25 @@ def test_chunk_width_depends_on_the_bucket_not_the_count():
         for bucket in (1024, 4096, 16384):
             widths = {vocab_chunks.chunk_columns(n, VOCAB, element_size) for n in range(bucket // 2 + 1, bucket + 1, 97)}
             assert len(widths) == 1, (element_size, bucket, widths)
+
+
+@pytest.mark.parametrize("vocab", [32000, 128256, 256000])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_scratch_is_bounded_by_a_fraction_of_the_logits_and_by_bytes(vocab, element_size):
+    """Below the 2,048-column floor neither bound applies; above it, both do (with the token bucket, at
+    most twice the count, standing in for the count)."""
+    floor = vocab_chunks.MIN_CHUNK_COLUMNS
+    for num_tokens in (1, 100, 3072, 4097, 16384, 65536):
+        columns = vocab_chunks.chunk_columns(num_tokens, vocab, element_size)
+        assert columns % vocab_chunks.CHUNK_ALIGN == 0 or columns == vocab
+        assert min(floor, vocab) <= columns <= vocab
+        scratch = num_tokens * columns * element_size
+        if columns > floor:
+            assert scratch <= vocab_chunks.SCRATCH_FRACTION * num_tokens * vocab * 4
+            assert scratch <= vocab_chunks.SCRATCH_BYTES
+    # Llama-3-8B's head in bf16: 15,872 columns up to 8k tokens, then the byte budget takes over.
+    assert vocab_chunks.chunk_columns(4096, 128256, 2) == 15872
+    assert vocab_chunks.chunk_columns(16384, 128256, 2) == 8192
 
 
 def test_a_restart_and_other_processes_reuse_the_disk_cache(launches, monkeypatch):
@@ -220,6 +244,7 @@ def test_host_syncs_of_the_loss_hot_path(monkeypatch, layout):
         hidden, labels = hidden.reshape(-1, 16), labels.reshape(-1)
         cu_seqlens = torch.arange(0, labels.numel() + 1, labels.numel() // 6)
     hidden.requires_grad_(True)
+    weight.requires_grad_(True)  # a trained head: both passes (a frozen head takes another pass 1)
     reads.clear()
     loss, _ = linear_preference_loss(hidden, weight, labels, beta=2.0, impl="chunked", cu_seqlens=cu_seqlens)
     forward_reads = reads[:]
@@ -257,6 +282,7 @@ def test_tune_head_tunes_on_rank_0_and_every_rank_launches_its_choices(launches,
         simulate(launches, counts)
         per_rank.append((tuned, len(launches["tunings"]), launches["launches"][:]))
     buckets = vocab_chunks.token_bucket(max(counts)).bit_length()  # 1, 2, 4, ..., the largest bucket
-    assert per_rank[0][:2] == (2 * buckets, 2 * buckets)  # both kernels, every bucket, and nothing more
+    # Every bucket: the forward's lean and metrics variants and the backward, and nothing more.
+    assert per_rank[0][:2] == (3 * buckets, 3 * buckets)
     assert per_rank[1][:2] == (0, 0)
     assert per_rank[0][2] == per_rank[1][2]

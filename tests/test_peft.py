@@ -11,12 +11,13 @@ import torch
 pytest.importorskip("datasets")  # the trainer's toy data
 pytest.importorskip("peft")
 
+from test_export import _mean_logps  # noqa: E402
 from test_train import _records, _run, _train_losses  # noqa: E402
 
 from amapo_fast import adapters  # noqa: E402
 from amapo_fast.cli import UserError  # noqa: E402
 from amapo_fast.config import parse_config  # noqa: E402
-from amapo_fast.data import IGNORE_INDEX, PreferenceCollator, tokenize_preference_dataset  # noqa: E402
+from amapo_fast.data import PreferenceCollator, tokenize_preference_dataset  # noqa: E402
 from amapo_fast.toy import build_toy_tokenizer, make_toy_preference_dataset  # noqa: E402
 
 # 128 pairs / (2 ranks x 8 pairs) = 8 micro-batches per epoch; accumulation 2 -> 4 optimizer steps.
@@ -74,18 +75,6 @@ def _adapters_trained(final):
     # peft starts every lora_B at zero: a trained adapter has moved away from it.
     lora_b = [value for name, value in weights.items() if "lora_B" in name]
     assert lora_b and all(value.abs().max() > 0 for value in lora_b)
-
-
-def _mean_logps(model, tokenizer, n_pairs):
-    held_out = make_toy_preference_dataset(n_pairs, seed=SEED + 1)  # the trainer's toy eval split
-    rows = tokenize_preference_dataset(held_out, tokenizer, 128, 64).to_list()
-    batch = PreferenceCollator(tokenizer.pad_token_id)(rows)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    mask = batch["labels"] != IGNORE_INDEX
-    token_logps = torch.log_softmax(logits, -1).gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    mean = (token_logps * mask).sum(1) / mask.sum(1)
-    return mean[:n_pairs], mean[n_pairs:]
 
 
 def _check_reproduces(model, final, output_dir, n_pairs):

@@ -130,11 +130,21 @@ def test_fused_and_reference_loss_give_the_same_curve(short_runs, backend):
     assert len(set(fused.values())) > 1  # the model did move
 
 
+def _grad_norms(output_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["grad_norm"] for record in _records(output_dir) if "grad_norm" in record}
+
+
 def test_fsdp2_and_deepspeed_agree(short_runs):
     fsdp2 = _train_losses(short_runs["fsdp2", "chunked"])
     deepspeed = _train_losses(short_runs["deepspeed", "chunked"])
     for step in fsdp2:
         assert fsdp2[step] == pytest.approx(deepspeed[step], rel=1e-4, abs=1e-5), f"step {step}"
+    # The gradient norms too, from step 1 on: an engine that scales the accumulated gradient differently (say,
+    # no division by the accumulation steps) shows there at once, long before the losses drift apart.
+    fsdp2_norms, deepspeed_norms = _grad_norms(short_runs["fsdp2", "chunked"]), _grad_norms(short_runs["deepspeed", "chunked"])
+    assert sorted(fsdp2_norms) == list(range(1, 9))
+    for step in fsdp2_norms:
+        assert fsdp2_norms[step] == pytest.approx(deepspeed_norms[step], rel=1e-4), f"step {step}"
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])

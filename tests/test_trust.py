@@ -221,7 +221,8 @@ def test_a_manifest_that_does_not_vouch_for_every_file_is_refused(one_process_ru
         expected = rf"{checkpoint / MANIFEST}: entry '{shard_name}' is not a file inside the checkpoint"
     else:
         name = {"shard and its entry deleted": shard_name, "metadata and its entry deleted": "dcp/.metadata",
-                "scheduler's entry deleted": "scheduler.pt", "an rng state and its entry deleted": "rng_state_0.pt"}[damage]
+                "scheduler's entry deleted": "scheduler.pt",
+                "an rng state and its entry deleted": "rng_state_0.pt"}[damage]
         if damage != "scheduler's entry deleted":
             (checkpoint / name).unlink()
         _edit_manifest(checkpoint, lambda manifest: {"files": _without(manifest["files"], name)})
