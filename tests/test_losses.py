@@ -202,3 +202,22 @@ def test_kl_completions_pair_each_prompt_with_the_next_chosen_response(packed):
         row_labels = labels[bounds[i]:bounds[i + 1]] if packed else labels[i]
         assert row_tokens.tolist() == sequence[:-1]
         assert [t for t in row_labels.tolist() if t != -100] == other
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--loss_type", "dpo", "--slic_delta", "2"], "slic_delta is a parameter of loss_type slic"),
+        (["--loss_type", "orpo", "--label_smoothing", "0.1"], "takes no label smoothing"),
+        (["--loss_type", "kto", "--per_device_train_batch_size", "1"], "at least 2"),
+        (["--loss_type", "cpo", "--nll_weight", "-1"], "nll_weight=-1.0: must be >= 0"),
+    ],
+    ids=["foreign-keyword", "smoothing", "kto-one-pair", "negative-weight"],
+)
+def test_trainer_refuses_impossible_loss_settings(args, message):
+    from amapo_fast.cli import UserError
+    from amapo_fast.config import parse_config
+
+    with pytest.raises(UserError, match=message):
+        parse_config(args)
+    assert parse_config(["--loss_type", "slic", "--slic_delta", "2"]).slic_delta == 2.0
