@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "AMAPO_DEBUG"
@@ -175,11 +176,20 @@ def require_hub_reachable(name: str, flag: str, timeout: float = 3.0):
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if endpoint not in _HUB_REACHABLE:
         url = urllib.parse.urlsplit(endpoint)
-        try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-            _HUB_REACHABLE[endpoint] = None
-        except OSError as error:
-            _HUB_REACHABLE[endpoint] = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+        answer = []
+
+        def connect():  # in a thread: a name lookup that gets no answer ignores the socket's timeout
+            try:
+                socket.create_connection(address, timeout).close()
+                answer.append(None)
+            except OSError as error:
+                answer.append(getattr(error, "strerror", None) or str(error) or type(error).__name__)
+
+        thread = threading.Thread(target=connect, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        _HUB_REACHABLE[endpoint] = answer[0] if answer else f"no answer within {timeout:g} s"
     if _HUB_REACHABLE[endpoint] is not None:
         raise UserError(
             f"{flag} {name}: not a local file or folder, and the hub ({endpoint}) cannot be reached "
