@@ -39,6 +39,9 @@ def _row_reduce_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     targets = tl.load(targets_ptr + rows, mask=row_ok, other=-1) - vocab_offset if TOKEN_METRICS else rows
+    if TOKEN_METRICS:
+        # A target of a later chunk must not match a masked column past this chunk's end (its -inf would stick).
+        targets = tl.where((targets >= 0) & (targets < V), targets, -1)
     running_max = tl.load(state_ptr + rows, mask=row_ok, other=0.0)
     sum_exp = tl.load(state_ptr + N + rows, mask=row_ok, other=0.0)
     target_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)

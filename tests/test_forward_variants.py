@@ -21,6 +21,11 @@ def make_inputs(num_tokens, vocab, dim, dtype, with_bias):
     bias = torch.randn(vocab, device=DEVICE).to(dtype) if with_bias else None
     targets = torch.randint(0, vocab, (num_tokens,), device=DEVICE)
     targets[0] = vocab - 1  # in the partial last tile / chunk
+    # A token whose target lies just past a chunk boundary, where an earlier chunk's masked tail columns carry
+    # its id (the cuBLAS variant's 300-column chunks are swept in blocks that overrun them), made its argmax.
+    if vocab > 700 and num_tokens > 2:
+        targets[-2] = 650
+        weight[650] = (hidden[-2].float() * 15 / hidden[-2].float().square().sum()).to(dtype)  # logit ~15, others ~3
     # A token whose target is its argmax, so the target-is-argmax flag is exercised both ways.
     logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
     targets[-1] = logits[-1].argmax()
