@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import frozen_head
-from .loss import _backend, _resolve_impl, _validate_head, check_labels
+from .loss import _backend, _resolve_impl, _validate_head, check_labels, head_grads
 from .reference import _logits as reference_logits
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -59,10 +59,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         else:
             scale = 1.0 / positions.numel() if ctx.reduction == "mean" else 1.0
             coef = (-scale * grad_loss.to(acc)).expand(positions.numel())
-        if ctx.frozen:
-            d_response, d_weight, d_bias = frozen_head.hidden_grad(weight, targets, basis, coef, response.dtype), None, None
-        else:
-            d_response, d_weight, d_bias = ctx.backend.token_grads(response, weight, bias, targets, lse, coef.contiguous())
+        d_response, d_weight, d_bias = head_grads(
+            ctx.backend, ctx.frozen, response, weight, bias, targets, lse, basis, coef.contiguous()
+        )
         d_hidden = None
         if ctx.needs_input_grad[0]:
             d_hidden = d_response.new_zeros(ctx.hidden_shape.numel() // ctx.hidden_shape[-1], d_response.shape[1])

@@ -161,11 +161,9 @@ class _FusedPreferenceLoss(torch.autograd.Function):
         response_hidden, weight, bias, lse, coef, basis = ctx.saved_tensors
         tokens = ctx.tokens
         coef = coef * grad_loss.to(coef.dtype)
-        if ctx.frozen:
-            d_response = frozen_head.hidden_grad(weight, tokens.targets, basis, coef, response_hidden.dtype)
-            d_weight = d_bias = None
-        else:
-            d_response, d_weight, d_bias = ctx.backend.token_grads(response_hidden, weight, bias, tokens.targets, lse, coef)
+        d_response, d_weight, d_bias = head_grads(
+            ctx.backend, ctx.frozen, response_hidden, weight, bias, tokens.targets, lse, basis, coef
+        )
         d_hidden = None
         if ctx.needs_input_grad[0]:
             d_hidden = d_response.new_zeros(tokens.num_positions, d_response.shape[1])
@@ -182,6 +180,14 @@ class _FusedPreferenceLoss(torch.autograd.Function):
             None,
             None,
         )
+
+
+def head_grads(backend, one_pass, response, weight, bias, targets, lse, basis, coef):
+    """(dH of the response rows, dW, db) of sum_t coef_t * logp_t: from pass 1's basis for a frozen head
+    (one_pass; no dW, db), else by pass 2."""
+    if one_pass:
+        return frozen_head.hidden_grad(weight, targets, basis, coef, response.dtype), None, None
+    return backend.token_grads(response, weight, bias, targets, lse, coef)
 
 
 def _validate_head(hidden, weight, bias):
