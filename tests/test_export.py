@@ -2,32 +2,16 @@
 becomes a folder that transformers (or peft) loads and that scores the held-out pairs as the trainer did at
 that step."""
 import pytest
-import torch
 
 pytest.importorskip("datasets")  # the trainer's toy data
 
-from test_train import _records, _run  # noqa: E402
+from test_train import _mean_logps, _records, _run  # noqa: E402
 
-from amapo_fast.config import parse_config  # noqa: E402
-from amapo_fast.data import IGNORE_INDEX, PreferenceCollator, tokenize_preference_dataset  # noqa: E402
 from amapo_fast.export import main as export_main  # noqa: E402
-from amapo_fast.toy import make_toy_preference_dataset  # noqa: E402
 
 # Evaluation and a checkpoint at step 2 of 3: the export of checkpoint-2 must score what the trainer logged there.
 RUN = ["--toy_num_train", "64", "--toy_num_eval", "16", "--max_steps", "3", "--per_device_train_batch_size", "8",
        "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "2", "--save_final", "false"]
-
-
-def _mean_logps(model, tokenizer, n_pairs):
-    held_out = make_toy_preference_dataset(n_pairs, seed=parse_config([]).seed + 1)  # the trainer's toy eval split
-    rows = tokenize_preference_dataset(held_out, tokenizer, 128, 64).to_list()
-    batch = PreferenceCollator(tokenizer.pad_token_id)(rows)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    mask = batch["labels"] != IGNORE_INDEX
-    token_logps = torch.log_softmax(logits, -1).gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    mean = (token_logps * mask).sum(1) / mask.sum(1)
-    return mean[:n_pairs], mean[n_pairs:]
 
 
 def _logged_at(output_dir, step: int) -> dict:

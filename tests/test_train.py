@@ -204,6 +204,19 @@ def test_resume_ignores_half_written_checkpoints(tmp_path):
         resolve_resume(str(tmp_path / "checkpoint-8"), str(tmp_path))
 
 
+def _mean_logps(model, tokenizer, n_pairs):
+    """Mean response log-probs (chosen, rejected) of the trainer's toy held-out pairs under a loaded model."""
+    held_out = make_toy_preference_dataset(n_pairs, seed=parse_config([]).seed + 1)  # the trainer's toy eval split
+    rows = tokenize_preference_dataset(held_out, tokenizer, 128, 64).to_list()
+    batch = PreferenceCollator(tokenizer.pad_token_id)(rows)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    mask = batch["labels"] != IGNORE_INDEX
+    token_logps = torch.log_softmax(logits, -1).gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mean = (token_logps * mask).sum(1) / mask.sum(1)
+    return mean[:n_pairs], mean[n_pairs:]
+
+
 @pytest.mark.parametrize("backend", ["fsdp2", "deepspeed"])
 def test_final_folder_reproduces_the_trained_log_probs(short_runs, backend):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,15 +224,7 @@ def test_final_folder_reproduces_the_trained_log_probs(short_runs, backend):
     final = short_runs[backend, "chunked"] / "final"
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     tokenizer = AutoTokenizer.from_pretrained(final)
-    held_out = make_toy_preference_dataset(64, seed=parse_config([]).seed + 1)  # the trainer's toy eval split
-    rows = tokenize_preference_dataset(held_out, tokenizer, 128, 64).to_list()
-    batch = PreferenceCollator(tokenizer.pad_token_id)(rows)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    mask = batch["labels"] != IGNORE_INDEX
-    token_logps = torch.log_softmax(logits, -1).gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    mean_logps = (token_logps * mask).sum(1) / mask.sum(1)
-    chosen, rejected = mean_logps[:64], mean_logps[64:]
+    chosen, rejected = _mean_logps(model, tokenizer, 64)
 
     logged = _final_eval(short_runs[backend, "chunked"])
     assert logged["eval/logps/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-4)
